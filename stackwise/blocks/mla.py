@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: MIT
+"""Multi-head latent attention, the DeepSeek-V2 formulation (DeepSeek-AI 2024, arXiv:2405.04434, sec. 2.1).
+
+Per token x [C]:
+- query: low rank when ``mla_rq > 0``: q = W_qb RMSNorm(W_qa x) [H, d_nope + d_rope] (else q = W_q x);
+- key/value: a compressed latent c = RMSNorm(first ``mla_rkv`` channels of W_kva x) and a decoupled RoPE
+  key k_rope [d_rope] (the last channels of W_kva x) shared by all heads; W_kvb c gives per head
+  k_nope [d_nope] and v [d_v];
+- q = [q_nope, RoPE(q_rope)], k = [k_nope, RoPE(k_rope)] (k_rope broadcast to every head);
+- softmax attention with scale (d_nope + d_rope) ** -0.5 and value dim d_v, then W_o [H d_v -> C].
+
+Parameter names match Hugging Face ``DeepseekV2Attention`` (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``,
+``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``). RoPE here is rotate-half;
+DeepSeek-V2 checkpoints use the interleaved layout and are permuted on import.
+The cache keeps full per-head keys and values (not the latent), which is simple but not memory-optimal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ._init import seeded_normal_
+from .attention import KVCache, cached_attention
+from .norm import RMSNorm
+
+
+class MultiLatentAttention(nn.Module):
+    """DeepSeek-V2 MLA: x [B, T, C] -> [B, T, C]. ``rope`` must rotate ``qk_rope_head_dim`` channels."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        a = cfg.attention
+        self.layer_idx, self.init_seed, self.init_std, self.n_layers = layer_idx, cfg.init_seed, cfg.init_std, cfg.n_layers
+        self.n_heads, self.backend = cfg.n_heads, a.backend
+        self.d_nope, self.d_rope, self.d_v, self.rkv = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.mla_rkv
+        self.q_head_dim = self.d_nope + self.d_rope
+        self.scale = self.q_head_dim**-0.5
+        C, H = cfg.d_model, cfg.n_heads
+        self.rq = a.mla_rq
+        if self.rq > 0:
+            self.q_a_proj = nn.Linear(C, self.rq, bias=False)
+            self.q_a_layernorm = RMSNorm(self.rq, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(self.rq, H * self.q_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(C, H * self.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(C, self.rkv + self.d_rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rkv, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(self.rkv, H * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = nn.Linear(H * self.d_v, C, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, mod in self.named_children():
+            if isinstance(mod, nn.Linear):
+                std = self.init_std / (2 * self.n_layers) ** 0.5 if name == "o_proj" else self.init_std
+                seeded_normal_(mod.weight, std, self.init_seed, self.layer_idx, f"attn.{name}")
+            elif isinstance(mod, RMSNorm):
+                mod.reset_parameters()
+
+    def forward(self, x, rope=None, *, causal: bool, cache: KVCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.rq > 0 else self.q_proj(x)
+        q = q.view(B, T, H, self.q_head_dim).transpose(1, 2)  # [B, H, T, d_nope + d_rope]
+        q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
+        kv_a = self.kv_a_proj_with_mqa(x)  # [B, T, rkv + d_rope]
+        latent, k_rope = kv_a.split([self.rkv, self.d_rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, H, self.d_nope + self.d_v).transpose(1, 2)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [B, H, T, d_nope], [B, H, T, d_v]
+        k_rope = k_rope.unsqueeze(1)  # [B, 1, T, d_rope], shared by all heads
+        if rope is not None and self.d_rope:
+            q_rope, k_rope = rope(q_rope, start_pos), rope(k_rope, start_pos)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(B, H, T, self.d_rope)], dim=-1)
+        o = cached_attention(q, k, v.contiguous(), causal=causal, cache=cache, scale=self.scale, backend=self.backend)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.d_v))

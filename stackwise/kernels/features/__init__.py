@@ -1,0 +1,2 @@
+# SPDX-License-Identifier: MIT
+"""Random-feature (kernel) attention: the reference (spec) and the Triton kernels."""

@@ -1,0 +1,188 @@
+# SPDX-License-Identifier: MIT
+"""Random-feature ("random kitchen sinks") attention in pure PyTorch: the spec and the linear torch path.
+
+Attention weights are replaced by an inner product of feature maps, a(q, k) = phi(q) . phi(k), so
+``o_i = sum_j a(q_i, k_j) v_j / sum_j a(q_i, k_j)`` (j <= i when causal) costs O(T M D) instead of O(T^2 D).
+
+Feature maps, with x' = x * sqrt(scale) (so q'.k' = scale * q.k) and W [D, M] from :func:`draw_features`:
+- ``softmax``: phi(x) = exp(x'W - |x'|^2 / 2) / sqrt(M), positive random features (Choromanski et al. 2021,
+  "Rethinking Attention with Performers", FAVOR+) with E[phi(q).phi(k)] = exp(q'.k') for Gaussian W, so the
+  result estimates softmax attention. Stabilised: per query the max over features is subtracted, per
+  (batch, head) the max over all keys and features; both factors cancel exactly in the ratio.
+- ``trig``: random Fourier features (Rahimi & Recht 2007) on unit-normalised inputs, as in RFA (Peng et al.
+  2021): x^ = s * x / |x| with s = sqrt(scale) * D^(1/4) (s = 1 at the default scale), phi(x) =
+  [cos(x^W), sin(x^W)] / sqrt(M). For Gaussian W this estimates exp(-|q^-k^|^2 / 2) = exp(s^2 (cos(q, k) - 1)),
+  softmax over cosine similarity at temperature s^2; for "laplacian" W (Cauchy entries scaled by 1/sqrt(D))
+  it estimates exp(-|q^-k^|_1 / sqrt(D)). Without the normalisation the kernel values of raw q, k fall far
+  below the features' noise. Weights can still be negative for few features; the normaliser is clamped.
+
+``feature_attention_ref`` materialises the T x T weight matrix (readable spec, tests only);
+``feature_attention_chunked`` is the linear-time torch path (one pass bidirectional, chunked prefix sums
+causal) that runs when Triton does not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FAMILIES = ("gaussian", "orthogonal", "laplacian")
+FEATURE_MAPS = ("softmax", "trig")
+
+
+def draw_features(
+    head_dim: int,
+    n_features: int,
+    *,
+    family: str = "gaussian",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Draw the random projection W [head_dim, n_features], bit-identical for the same arguments.
+
+    Args:
+        head_dim: D, the query/key head dimension.
+        n_features: M, the number of random features.
+        family: "gaussian" (i.i.d. N(0, 1)), "orthogonal" (blocks of D orthonormal directions with
+            chi(D)-distributed norms, lower-variance estimates), or "laplacian" (i.i.d. standard Cauchy / sqrt(D),
+            whose Fourier features estimate the Laplacian kernel; for feature_map="trig" only).
+        seed: generator seed; drawn on CPU in float64 so every device and backend gets the same W.
+
+    Returns:
+        torch.Tensor: [head_dim, n_features] in ``dtype`` on ``device``.
+    """
+    if head_dim < 1 or n_features < 1:
+        raise ValueError(f"head_dim and n_features must be >= 1, got {head_dim}, {n_features}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    if family == "gaussian":
+        w = torch.randn(head_dim, n_features, generator=g, dtype=torch.float64)
+    elif family == "laplacian":
+        u = torch.rand(head_dim, n_features, generator=g, dtype=torch.float64)
+        # standard Cauchy, bandwidth sqrt(D) so the Laplacian kernel of unit vectors is O(1)
+        w = torch.tan(math.pi * (u - 0.5)) / math.sqrt(head_dim)
+    else:
+        blocks = []
+        for _ in range(math.ceil(n_features / head_dim)):
+            qmat, r = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=g, dtype=torch.float64))
+            # sign fix makes Q Haar-distributed
+            qmat = qmat * torch.sign(torch.diagonal(r)).unsqueeze(0)
+            norms = torch.randn(head_dim, head_dim, generator=g, dtype=torch.float64).norm(dim=0)
+            blocks.append(qmat * norms.unsqueeze(0))
+        w = torch.cat(blocks, dim=1)[:, :n_features]
+    return w.to(dtype=dtype, device=device).contiguous()
+
+
+def feature_map_ref(x: torch.Tensor, W: torch.Tensor, *, feature_map: str, scale: float, is_query: bool) -> torch.Tensor:
+    """phi(x) for x [B, H, T, D] -> [B, H, T, M] (softmax) or [B, H, T, 2M] (trig), float32 or float64."""
+    M, D = W.shape[1], W.shape[0]
+    if feature_map == "trig":
+        s = math.sqrt(scale) * D**0.25
+        xs = x * (s / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        proj = torch.matmul(xs, W.to(xs.dtype))  # [B, H, T, M]
+        return torch.cat([torch.cos(proj), torch.sin(proj)], dim=-1) / math.sqrt(M)
+    xs = x * math.sqrt(scale)
+    proj = torch.matmul(xs, W.to(xs.dtype))  # [B, H, T, M]
+    if feature_map != "softmax":
+        raise ValueError(f"feature_map must be one of {list(FEATURE_MAPS)}, got {feature_map!r}")
+    logits = proj - 0.5 * (xs * xs).sum(-1, keepdim=True)
+    if is_query:
+        stab = proj.amax(dim=-1, keepdim=True) - 0.5 * (xs * xs).sum(-1, keepdim=True)
+    else:
+        stab = logits.amax(dim=(-1, -2), keepdim=True)
+    return torch.exp(logits - stab.detach()) / math.sqrt(M)
+
+
+def _prepare(q, k, v, W, scale, upcast):
+    dtype = q.dtype
+    if upcast and dtype != torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    return q, k, v, W.to(q.dtype), scale, dtype
+
+
+def feature_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    causal: bool,
+    feature_map: str = "softmax",
+    scale: float | None = None,
+    eps: float = 1e-20,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Random-feature attention, quadratic form (the spec).
+
+    Args:
+        q (torch.Tensor): [B, H, T, D].
+        k (torch.Tensor): [B, Hkv, T, D]; H % Hkv == 0.
+        v (torch.Tensor): [B, Hkv, T, Dv].
+        W (torch.Tensor): [D, M] from :func:`draw_features`, shared by all heads.
+        causal: query i attends to keys j <= i only.
+        feature_map: "softmax" or "trig" (see the module docstring).
+        scale: defaults to D ** -0.5.
+        eps: lower clamp of the normaliser.
+        upcast: compute in float32 (float64 stays float64).
+
+    Returns:
+        torch.Tensor: [B, H, T, Dv] in the input dtype.
+    """
+    q, k, v, W, scale, dtype = _prepare(q, k, v, W, scale, upcast)
+    pq = feature_map_ref(q, W, feature_map=feature_map, scale=scale, is_query=True)
+    pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)
+    a = torch.matmul(pq, pk.transpose(-1, -2))  # [B, H, T, T]
+    if causal:
+        T = a.shape[-1]
+        a = a * torch.ones(T, T, dtype=a.dtype, device=a.device).tril()
+    den = a.sum(-1, keepdim=True).clamp_min(eps)
+    return (torch.matmul(a, v) / den).to(dtype)
+
+
+def feature_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    causal: bool,
+    feature_map: str = "softmax",
+    scale: float | None = None,
+    eps: float = 1e-20,
+    chunk: int = 128,
+) -> torch.Tensor:
+    """Random-feature attention in O(T): same arguments and result as :func:`feature_attention_ref`.
+
+    Bidirectional: one pass builds S = phi(K)^T V [M', Dv] and z = sum_j phi(k_j) [M'].
+    Causal: per chunk of ``chunk`` queries, the state of all earlier chunks plus a masked intra-chunk term.
+    """
+    q, k, v, W, scale, dtype = _prepare(q, k, v, W, scale, True)
+    pq = feature_map_ref(q, W, feature_map=feature_map, scale=scale, is_query=True)  # [B, H, T, M']
+    pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)
+    if not causal:
+        kv = torch.matmul(pk.transpose(-1, -2), v)  # [B, H, M', Dv]
+        z = pk.sum(-2)  # [B, H, M']
+        num = torch.matmul(pq, kv)
+        den = (pq * z.unsqueeze(-2)).sum(-1, keepdim=True)
+        return (num / den.clamp_min(eps)).to(dtype)
+    B, H, T, Mp = pq.shape
+    state = pq.new_zeros(B, H, Mp, v.shape[-1])
+    zsum = pq.new_zeros(B, H, Mp)
+    outs = []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        cq, ck, cv = pq[:, :, s:e], pk[:, :, s:e], v[:, :, s:e]
+        a = torch.matmul(cq, ck.transpose(-1, -2)).tril()  # [B, H, C, C]
+        num = torch.matmul(cq, state) + torch.matmul(a, cv)
+        den = (cq * zsum.unsqueeze(-2)).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
+        outs.append(num / den.clamp_min(eps))
+        state = state + torch.matmul(ck.transpose(-1, -2), cv)
+        zsum = zsum + ck.sum(-2)
+    return torch.cat(outs, dim=2).to(dtype)

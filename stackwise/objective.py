@@ -1,0 +1,128 @@
+# SPDX-License-Identifier: MIT
+"""Masking policies and losses: diffusion (masked-diffusion LM), mlm (BERT) and clm (next token).
+
+- ``diffusion``: per sequence a rate t ~ U[mask_fraction_min, mask_fraction_max]; exactly round(t T)
+  positions (clamped so the realised rate stays in [min, max]) are replaced by the mask token. Loss on
+  masked positions only, optionally weighted by 1/t, the weighting of the masked-diffusion ELBO
+  (Sahoo et al. 2024, "Simple and Effective Masked Diffusion Language Models"; Nie et al. 2025, LLaDA).
+- ``mlm``: round(rate T) positions supervised, of which 80% become the mask token, 10% a random token,
+  10% stay (Devlin et al. 2019).
+- ``clm``: the target at t is the token at t + 1; the last position is unsupervised.
+
+Masks replace token ids, never embeddings. All randomness comes from the ``generator`` argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+POLICIES = ("diffusion", "mlm", "clm")
+
+
+def _random_subset(B: int, T: int, counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Bool [B, T] with exactly counts[b] True entries per row, positions uniform without replacement."""
+    noise = torch.rand(B, T, generator=generator, device=generator.device)
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    return ranks < counts.to(noise.device).unsqueeze(1)
+
+
+def diffusion_mask(
+    input_ids: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    mask_id: int,
+    mask_fraction_min: float = 0.15,
+    mask_fraction_max: float = 0.90,
+    rate: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Diffusion masking. Returns (masked_ids, targets, loss_mask, t) with t [B] the drawn rates.
+
+    ``rate`` fixes t (a float or [B]) instead of drawing it, for evaluation at chosen mask rates.
+    """
+    B, T = input_ids.shape
+    gdev = generator.device
+    if rate is None:
+        t = mask_fraction_min + (mask_fraction_max - mask_fraction_min) * torch.rand(B, generator=generator, device=gdev)
+        lo, hi = math.ceil(mask_fraction_min * T - 1e-9), math.floor(mask_fraction_max * T + 1e-9)
+    else:
+        t = torch.as_tensor(rate, dtype=torch.float32, device=gdev).expand(B).clone()
+        lo, hi = 1, T
+    counts = torch.round(t * T).long().clamp(max(lo, 1), max(min(hi, T), 1))
+    loss_mask = _random_subset(B, T, counts, generator).to(input_ids.device)
+    masked = input_ids.masked_fill(loss_mask, mask_id)
+    return masked, input_ids, loss_mask, t.to(input_ids.device)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    policy: str,
+    generator: torch.Generator,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    mask_fraction_min: float = 0.15,
+    mask_fraction_max: float = 0.90,
+    mlm_rate: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply ``policy`` to input_ids [B, T]; returns (masked_ids [B, T], targets [B, T], loss_mask [B, T] bool).
+
+    Raises:
+        ValueError: unknown policy.
+    """
+    if policy == "diffusion":
+        m, tgt, lm, _ = diffusion_mask(
+            input_ids, generator, mask_id=mask_id, mask_fraction_min=mask_fraction_min,
+            mask_fraction_max=mask_fraction_max,
+        )
+        return m, tgt, lm
+    if policy == "mlm":
+        B, T = input_ids.shape
+        counts = torch.full((B,), max(1, round(mlm_rate * T)), dtype=torch.long)
+        chosen = _random_subset(B, T, counts, generator).to(input_ids.device)
+        u = torch.rand(B, T, generator=generator, device=generator.device).to(input_ids.device)
+        rand_ids = torch.randint(0, vocab_size - 1, (B, T), generator=generator, device=generator.device)
+        rand_ids = rand_ids.to(input_ids.device)
+        rand_ids = rand_ids + (rand_ids >= mask_id).long()  # never draw the mask token itself
+        masked = torch.where(chosen & (u < 0.8), torch.full_like(input_ids, mask_id), input_ids)
+        masked = torch.where(chosen & (u >= 0.8) & (u < 0.9), rand_ids, masked)
+        return masked, input_ids, chosen
+    if policy == "clm":
+        targets = torch.roll(input_ids, shifts=-1, dims=1)
+        loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        loss_mask[:, -1] = False
+        return input_ids, targets, loss_mask
+    raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
+
+
+def masked_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss_mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy over supervised positions.
+
+    Args:
+        logits (torch.Tensor): [B, T, V].
+        targets (torch.Tensor): [B, T] int.
+        loss_mask (torch.Tensor): [B, T] bool; positions with False contribute nothing.
+        weights (torch.Tensor | None): [B] per-sequence weights (1/t for the diffusion ELBO weighting).
+
+    Returns:
+        torch.Tensor: scalar; the sum of weighted token losses divided by the number of supervised tokens.
+    """
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    lm = loss_mask.to(ce.dtype)
+    if weights is not None:
+        lm = lm * weights.to(ce.dtype).unsqueeze(1)
+    n = loss_mask.sum().clamp_min(1)
+    return (ce * lm).sum() / n
+
+
+def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of supervised positions where argmax(logits) equals the target."""
+    hit = (logits.argmax(-1) == targets) & loss_mask
+    return hit.sum().float() / loss_mask.sum().clamp_min(1)

@@ -1,0 +1,48 @@
+# SPDX-License-Identifier: MIT
+"""Shared fixtures. Model/engine tests pin attention.backend=torch so that TRITON_INTERPRET=1 (set by
+tests/kernels/conftest.py for the kernel tests) does not route them through the slow interpreter."""
+
+import pytest
+import torch
+
+from stackwise.config import config_from_dict
+
+TINY = {
+    "model": {
+        "vocab_size": 97,
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "d_ff": 128,
+        "max_seq_len": 128,
+        "rope_theta": 10000.0,
+        "attention": {
+            "attention_type": "gqa",
+            "backend": "torch",
+            "mla_rq": 32,
+            "mla_rkv": 16,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "kernel_n_features": 64,
+        },
+    },
+    "data": {"seq_len": 32, "dummy_sequences": 32},
+    "train": {"batch_size": 4, "max_steps": 10, "lr": 3e-3, "warmup_steps": 2},
+}
+
+
+@pytest.fixture
+def make_cfg():
+    """make_cfg("model.attention.attention_type=mla", ...) -> a tiny StackWiseConfig (backend torch)."""
+
+    def make(*overrides: str):
+        return config_from_dict(TINY, list(overrides))
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

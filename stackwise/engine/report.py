@@ -1,0 +1,92 @@
+# SPDX-License-Identifier: MIT
+"""End-of-run reporting: the per-layer summary table and PNG plots read back from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .log import logger
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def stage_table(run_dir: str) -> str:
+    """Per-stage held-out masked loss / accuracy and the gain each stage adds (latest record per stage)."""
+    stages = {}
+    for r in read_metrics(run_dir):
+        if r.get("kind") == "stage":
+            stages[r["stage"]] = r
+    rows = ["| stage | layers | train loss | val masked loss | val acc | gain vs previous | seconds |",
+            "|---:|---|---:|---:|---:|---:|---:|"]
+    prev = None
+    for k in sorted(stages):
+        r = stages[k]
+        gain = "" if prev is None else f"{prev - r['val_loss']:+.4f}"
+        rows.append(f"| {k} | {','.join(map(str, r['layers']))} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | "
+                    f"{r['val_acc']:.3f} | {gain} | {r['seconds']:.1f} |")
+        prev = r["val_loss"]
+    return "\n".join(rows)
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """Write loss_per_stage.png and layer_gain.png into the run directory; returns the paths written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots (pip install stackwise[plot])")
+        return []
+    recs = read_metrics(run_dir)
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    stages = sorted({r["stage"] for r in recs if r.get("kind") == "train"})
+    offset = 0
+    for s in stages:
+        pts = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train" and r["stage"] == s]
+        last = {}
+        for step, loss in pts:  # a rerun overwrites earlier records of the same step
+            last[step] = loss
+        xs = sorted(last)
+        ax.plot([offset + x for x in xs], [last[x] for x in xs], label=f"stage {s}")
+        offset += max(xs) if xs else 0
+    ft = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "finetune"]
+    if ft:
+        ax.plot([offset + s for s, _ in ft], [v for _, v in ft], label="fine-tune", color="black")
+    ax.set_xlabel("optimizer step (stages back to back)")
+    ax.set_ylabel("training loss (masked tokens)")
+    ax.legend(fontsize=7)
+    ax.set_title("StackWise: loss per stage")
+    path = os.path.join(run_dir, "loss_per_stage.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(path)
+    st = {}
+    for r in recs:
+        if r.get("kind") == "stage":
+            st[r["stage"]] = r
+    if st:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ks = sorted(st)
+        ax.plot(ks, [st[k]["val_loss"] for k in ks], marker="o", label="held-out masked loss")
+        ax2 = ax.twinx()
+        ax2.plot(ks, [st[k]["val_acc"] for k in ks], marker="s", color="tab:orange", label="held-out accuracy")
+        ax.set_xlabel("after stage (first layer)")
+        ax.set_ylabel("masked-token loss")
+        ax2.set_ylabel("masked-token accuracy")
+        ax.set_title("What each layer adds")
+        path = os.path.join(run_dir, "layer_gain.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out

@@ -1,0 +1,177 @@
+# SPDX-License-Identifier: MIT
+"""The run directory: its paths, its resolved config, its masked views, and the device to run on.
+
+    runs/NAME/config.yaml              resolved config (a rerun with another model shape is refused)
+    runs/NAME/layer_K.safetensors      trained layer K        runs/NAME/stage_K.state.safetensors  resume state
+    runs/NAME/acts/views_{train,val}/  masked views           runs/NAME/acts/layer_K/{train,val}/  layer outputs
+    runs/NAME/fused.safetensors        fused model            runs/NAME/finetuned_<mode>.safetensors
+    runs/NAME/metrics.jsonl            one JSON line per log  runs/NAME/tokenizer.json  (text data only)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+import yaml
+
+from ..config import ConfigError, StackWiseConfig, config_from_dict, save_config
+from ..data.activations import ActivationCacheError, build_views, read_manifest
+from .log import logger, progress_bar
+
+
+class RunDir:
+    """Paths of one run directory (``train.out_dir``)."""
+
+    def __init__(self, cfg: StackWiseConfig):
+        self.cfg = cfg
+        self.root = cfg.train.out_dir
+
+    def layer_ckpt(self, k: int) -> str:
+        return os.path.join(self.root, f"layer_{k}.safetensors")
+
+    def stage_state(self, k: int) -> str:
+        return os.path.join(self.root, f"stage_{k}.state.safetensors")
+
+    def views(self, split: str) -> str:
+        return os.path.join(self.root, "acts", f"views_{split}")
+
+    def acts(self, k: int, split: str) -> str:
+        return os.path.join(self.root, "acts", f"layer_{k}", split)
+
+    @property
+    def fused(self) -> str:
+        return os.path.join(self.root, "fused.safetensors")
+
+    def finetuned(self, mode: str) -> str:
+        return os.path.join(self.root, f"finetuned_{mode}.safetensors")
+
+    @property
+    def tokenizer(self) -> str:
+        return os.path.join(self.root, "tokenizer.json")
+
+    def has_acts(self, k: int) -> bool:
+        return all(os.path.isfile(os.path.join(self.acts(k, s), "manifest.json")) for s in ("train", "val"))
+
+    def stage_layers(self, first: int) -> list[int]:
+        K = self.cfg.train.layers_per_stage
+        if first % K:
+            raise ConfigError(
+                f"--layer {first} is not the first layer of a stage: with train.layers_per_stage={K} stages start "
+                f"at layers {list(range(0, self.cfg.model.n_layers, K))}"
+            )
+        if not 0 <= first < self.cfg.model.n_layers:
+            raise ConfigError(
+                f"--layer {first} is out of range: model.n_layers is {self.cfg.model.n_layers} (layers 0.."
+                f"{self.cfg.model.n_layers - 1})"
+            )
+        return list(range(first, first + K))
+
+
+def pick_device(cfg: StackWiseConfig) -> torch.device:
+    want = cfg.engine.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("engine.device='cuda' but no CUDA device is visible; use engine.device=auto or cpu")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+# sections that must agree between runs sharing a directory: they decide what the stored tensors mean
+_LOCKED = ("model", "objective", "data")
+
+
+def init_run_dir(cfg: StackWiseConfig, rank: int = 0) -> RunDir:
+    """Create the run directory and write config.yaml, refusing a directory trained with another model/data."""
+    run = RunDir(cfg)
+    path = os.path.join(run.root, "config.yaml")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = yaml.safe_load(f) or {}
+        try:
+            old_cfg = config_from_dict(old)
+        except ConfigError:
+            old_cfg = None
+        new = cfg.to_dict()
+        for section in _LOCKED:
+            if old_cfg is not None and old_cfg.to_dict()[section] != new[section]:
+                diff = [k for k in new[section] if old_cfg.to_dict()[section].get(k) != new[section][k]]
+                raise ConfigError(
+                    f"run directory {run.root} was created with a different {section} config (differs in "
+                    f"{', '.join(f'{section}.{d}' for d in diff)}); use another train.out_dir, or the original "
+                    f"settings (see {path})"
+                )
+    if rank == 0:
+        os.makedirs(run.root, exist_ok=True)
+        save_config(cfg, path)
+    return run
+
+
+def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
+    """Build the data and the masked views (train and val) once; later stages reuse them."""
+    have = all(os.path.isfile(os.path.join(run.views(s), "manifest.json")) for s in ("train", "val"))
+    if have:
+        return
+    from ..data.datasets import build_datasets
+
+    ds = build_datasets(cfg)
+    tok_path = getattr(getattr(ds, "tokenizer", None), "path", None)
+    if tok_path and rank == 0:
+        shutil.copyfile(tok_path, run.tokenizer + ".tmp")
+        os.replace(run.tokenizer + ".tmp", run.tokenizer)
+    o = cfg.objective
+    for split, data, draws, seed in (("train", ds.train, o.mask_draws, cfg.train.seed),
+                                     ("val", _head(ds.val, cfg.train.eval_sequences), 1, cfg.train.seed + 1)):
+        if len(data) == 0:
+            raise ActivationCacheError(f"the {split} split has no sequences of data.seq_len={cfg.data.seq_len} tokens")
+        bar = progress_bar(len(data) * draws, f"views {split}", rank)
+        logger.info("drawing %d masked views of %d %s sequences (%d per sequence)", len(data) * draws, len(data),
+                    split, draws)
+        build_views(run.views(split), data, draws=draws, seed=seed, mask_id=cfg.model.mask_id,
+                    mask_fraction_min=o.mask_fraction_min, mask_fraction_max=o.mask_fraction_max,
+                    shard_rows=cfg.engine.cache_shard_sequences,
+                    progress=(lambda d, t: bar.update(d - bar.n)) if bar else None)
+        if bar:
+            bar.close()
+
+
+class _Head(torch.utils.data.Dataset):
+    def __init__(self, data, n):
+        self.data, self.n = data, min(n, len(data))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def _head(data, n):
+    return _Head(data, n)
+
+
+def require_acts(run: RunDir, k: int) -> None:
+    """Refuse to start stage k+1 without layer k's checkpoint and cache, naming what to run."""
+    ckpt = run.layer_ckpt(k)
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(
+            f"layer {k}'s checkpoint {ckpt} is missing, so layer {k + 1} has no inputs; train it first: "
+            f"python launchers/train_layer.py --config {os.path.join(run.root, 'config.yaml')} --layer {k}"
+        )
+    for split in ("train", "val"):
+        read_manifest(run.acts(k, split), what=f"layer {k}'s activation cache")
+
+
+def next_stage(cfg: StackWiseConfig) -> int:
+    """First layer of the earliest stage without a checkpoint and cache (the default of ``--layer``)."""
+    run = RunDir(cfg)
+    K = cfg.train.layers_per_stage
+    for first in range(0, cfg.model.n_layers, K):
+        last = first + K - 1
+        if not os.path.isfile(run.layer_ckpt(last)) or not run.has_acts(last) or os.path.isfile(run.stage_state(first)):
+            return first
+    raise ConfigError(
+        f"every stage of {run.root} is already trained ({cfg.model.n_layers} layers); pass --layer K to retrain one "
+        f"(delete layer_K.safetensors first) or fuse: python launchers/fuse.py --config {run.root}/config.yaml"
+    )

@@ -30,7 +30,7 @@ setup(
         "flash": ["flash-attn"],
         "data": ["tokenizers>=0.15"],
         "plot": ["matplotlib"],
-        "hf": ["transformers>=4.40"],
+        "hf": ["transformers>=4.56"],
         "dev": ["pytest>=7", "hypothesis", "tokenizers>=0.15", "matplotlib"],
     },
 )

@@ -139,6 +139,8 @@ class ModelConfig:
     """Seed of weight init and of the frozen SwiGLU projections (regenerated from (init_seed, layer, name))."""
     frozen_mlp: list[str] = field(default_factory=lambda: ["gate", "up"])
     """SwiGLU projections that stay frozen random (never trained, stored as a seed): any of gate, up, down."""
+    frozen_mlp_seeded: bool = True
+    """Frozen MLP projections are regenerated from the seed (true) or stored as tensors (false: imported weights)."""
     mask_token_id: int = -1
     """Id of the mask token; -1 means the last id (vocab_size - 1)."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -240,6 +242,8 @@ class DataConfig:
     """Directory for the tokenizer and token shards built from text."""
     val_fraction: float = 0.05
     """Fraction of the corpus held out for evaluation."""
+    max_train_sequences: int = 0
+    """Use at most this many training sequences for the masked views (0 = all); bounds cache size and build time."""
     seed: int = 0
     """Seed of the dummy data and of data order."""
 
@@ -247,6 +251,7 @@ class DataConfig:
         _in_range("data.seq_len", self.seq_len, 2)
         _in_range("data.dummy_sequences", self.dummy_sequences, 1)
         _in_range("data.val_fraction", self.val_fraction, 0.0, 0.5)
+        _in_range("data.max_train_sequences", self.max_train_sequences, 0)
 
 
 @dataclass(kw_only=True)
@@ -431,6 +436,12 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{name} must be null, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; users type it that way
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
     if tp in (int, float) and isinstance(value, bool):

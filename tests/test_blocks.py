@@ -123,3 +123,19 @@ def test_mla_shapes_follow_deepseek(make_cfg):
     assert a.scale == pytest.approx(24**-0.5)
     full_rank = StackWiseLM(make_cfg("model.attention.attention_type=mla", "model.attention.mla_rq=0").model)
     assert full_rank.layers[0].attn.q_proj.weight.shape == (96, 64)
+
+
+def test_imported_frozen_projections_survive_save_and_load(make_cfg, tmp_path):
+    """With frozen_mlp_seeded=false the frozen matrices are data: stored in checkpoints, never redrawn."""
+    from stackwise.engine import checkpoint as ckpt
+
+    cfg = make_cfg("model.frozen_mlp_seeded=false")
+    m = StackWiseLM(cfg.model)
+    with torch.no_grad():
+        m.layers[0].mlp.up.weight.copy_(torch.randn_like(m.layers[0].mlp.up.weight))
+    assert not m.layers[0].mlp.up.weight.requires_grad and m.seeded_parameter_names() == []
+    path = str(tmp_path / "m.safetensors")
+    ckpt.save_model(path, m, cfg)
+    back, _ = ckpt.load_model(path)
+    assert torch.equal(back.layers[0].mlp.up.weight, m.layers[0].mlp.up.weight)
+    assert not back.layers[0].mlp.up.weight.requires_grad

@@ -37,7 +37,7 @@ def test_presets_exist():
 def test_precedence_defaults_yaml_cli(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  lr: 0.5\n  batch_size: 3\n")
-    cfg = load_config(p, ["--train.lr=0.25", "model.n_layers=4", "--model.frozen_mlp=[gate]"])
+    cfg = load_config(p, ["--train.lr=2.5e-1", "model.n_layers=4", "--model.frozen_mlp=[gate]"])
     assert cfg.train.lr == 0.25 and cfg.train.batch_size == 3 and cfg.model.n_layers == 4
     assert cfg.model.frozen_mlp == ["gate"] and cfg.train.weight_decay == 0.1
 
@@ -56,6 +56,7 @@ def test_precedence_defaults_yaml_cli(tmp_path):
         (["model.attention.kernel_feature_map=softmax", "model.attention.kernel_family=laplacian"], "trig"),
         (["data.seq_len=10000"], "data.seq_len (10000) must be <= model.max_seq_len"),
         (["train.lr=0"], "train.lr must be > 0"),
+        (["train.lr=fast"], "train.lr must be float, got 'fast'"),
         (["model.frozen_mlp=[gate, upp]"], "did you mean 'up'"),
         (["train.lr"], "must look like --section.key=value"),
     ],

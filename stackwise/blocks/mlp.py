@@ -30,7 +30,7 @@ class SwiGLU(nn.Module):
         self.n_layers = cfg.n_layers
         self.frozen = tuple(cfg.frozen_mlp)
         # frozen projections imported from elsewhere (e.g. Hugging Face) are real tensors, not seeds
-        self.frozen_from_seed = True
+        self.frozen_from_seed = cfg.frozen_mlp_seeded
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
@@ -41,7 +41,7 @@ class SwiGLU(nn.Module):
     def reset_parameters(self) -> None:
         for name in self.NAMES:
             w = getattr(self, name).weight
-            if name in self.frozen:
+            if name in self.frozen and self.frozen_from_seed:
                 std = 1.0 / math.sqrt(w.shape[1])
                 seeded_normal_(w, std, self.init_seed, self.layer_idx, f"mlp.{name}.frozen")
             else:
@@ -51,6 +51,8 @@ class SwiGLU(nn.Module):
 
     def regenerate_frozen(self) -> None:
         """Redraw the frozen projections from their seed (after loading a checkpoint that stores seeds)."""
+        if not self.frozen_from_seed:
+            return
         for name in self.frozen:
             w = getattr(self, name).weight
             seeded_normal_(w, 1.0 / math.sqrt(w.shape[1]), self.init_seed, self.layer_idx, f"mlp.{name}.frozen")

@@ -14,16 +14,18 @@ import torch
 class DummyTokens(torch.utils.data.Dataset):
     """``n`` sequences of ``seq_len`` ids in [0, vocab_size), never equal to ``mask_id``.
 
-    Item i is regenerated from (seed, i), so the dataset is identical on every rank and every run.
+    Item i is regenerated from (seed, i), so the dataset is identical on every rank and every run. The successor
+    table comes from ``table_seed`` (default: ``seed``), so a validation set with another ``seed`` and the training
+    ``table_seed`` walks the same chain with different sequences.
     """
 
     def __init__(self, vocab_size: int, seq_len: int, n: int, *, seed: int = 0, mask_id: int | None = None,
-                 branching: int = 4):
+                 branching: int = 4, table_seed: int | None = None):
         if vocab_size < 3:
             raise ValueError(f"vocab_size must be >= 3 for dummy data, got {vocab_size}")
         self.vocab_size, self.seq_len, self.n, self.seed = vocab_size, seq_len, n, seed
         self.mask_id = vocab_size - 1 if mask_id is None else mask_id
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed if table_seed is None else table_seed)
         usable = torch.tensor([t for t in range(vocab_size) if t != self.mask_id])
         self.usable = usable
         # successor table: [V, branching] ids drawn from the usable tokens

@@ -81,7 +81,7 @@ def fine_tune(cfg: StackWiseConfig, mode: str | None = None) -> dict:
         if bar:
             bar.update(1)
         if (step + 1) % cfg.train.log_interval == 0 or step + 1 == steps:
-            lv = float(loss)
+            lv = float(loss.detach())
             if lv != lv or lv in (float("inf"), float("-inf")):
                 raise FloatingPointError(f"fine-tuning loss became {lv} at step {step + 1}; lower train.finetune_lr")
             dt = (time.time() - t_log) / cfg.train.log_interval

@@ -121,7 +121,8 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
         shutil.copyfile(tok_path, run.tokenizer + ".tmp")
         os.replace(run.tokenizer + ".tmp", run.tokenizer)
     o = cfg.objective
-    for split, data, draws, seed in (("train", ds.train, o.mask_draws, cfg.train.seed),
+    train = _head(ds.train, cfg.data.max_train_sequences) if cfg.data.max_train_sequences else ds.train
+    for split, data, draws, seed in (("train", train, o.mask_draws, cfg.train.seed),
                                      ("val", _head(ds.val, cfg.train.eval_sequences), 1, cfg.train.seed + 1)):
         if len(data) == 0:
             raise ActivationCacheError(f"the {split} split has no sequences of data.seq_len={cfg.data.seq_len} tokens")

@@ -160,29 +160,40 @@ def feature_attention_chunked(
 ) -> torch.Tensor:
     """Random-feature attention in O(T): same arguments and result as :func:`feature_attention_ref`.
 
-    Bidirectional: one pass builds S = phi(K)^T V [M', Dv] and z = sum_j phi(k_j) [M'].
-    Causal: per chunk of ``chunk`` queries, the state of all earlier chunks plus a masked intra-chunk term.
+    Bidirectional: one pass builds S = phi(K)^T [V, 1] [M', Dv + 1] (the ones column carries the normaliser
+    z = sum_j phi(k_j), so numerator and denominator come from one matmul). Causal: per chunk of ``chunk``
+    positions, the state of all earlier chunks plus a masked intra-chunk term. Keys, values and states stay
+    per kv head; the G = H / Hkv query heads of a group are stacked along the rows of each matmul.
     """
-    q, k, v, W, scale, dtype = _prepare(q, k, v, W, scale, True)
+    dtype = q.dtype
+    if dtype != torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, H, T, _ = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = H // Hkv
+    W = W.to(q.dtype)
     pq = feature_map_ref(q, W, feature_map=feature_map, scale=scale, is_query=True)  # [B, H, T, M']
-    pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)
+    # the key stabiliser is a max over all keys of one kv head: the same as over the repeated keys
+    pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)  # [B, Hkv, T, M']
+    Mp = pq.shape[-1]
+    pq = pq.view(B, Hkv, G, T, Mp)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B, Hkv, T, Dv + 1]
     if not causal:
-        kv = torch.matmul(pk.transpose(-1, -2), v)  # [B, H, M', Dv]
-        z = pk.sum(-2)  # [B, H, M']
-        num = torch.matmul(pq, kv)
-        den = (pq * z.unsqueeze(-2)).sum(-1, keepdim=True)
-        return (num / den.clamp_min(eps)).to(dtype)
-    B, H, T, Mp = pq.shape
-    state = pq.new_zeros(B, H, Mp, v.shape[-1])
-    zsum = pq.new_zeros(B, H, Mp)
-    outs = []
-    for s in range(0, T, chunk):
-        e = min(s + chunk, T)
-        cq, ck, cv = pq[:, :, s:e], pk[:, :, s:e], v[:, :, s:e]
-        a = torch.matmul(cq, ck.transpose(-1, -2)).tril()  # [B, H, C, C]
-        num = torch.matmul(cq, state) + torch.matmul(a, cv)
-        den = (cq * zsum.unsqueeze(-2)).sum(-1, keepdim=True) + a.sum(-1, keepdim=True)
-        outs.append(num / den.clamp_min(eps))
-        state = state + torch.matmul(ck.transpose(-1, -2), cv)
-        zsum = zsum + ck.sum(-2)
-    return torch.cat(outs, dim=2).to(dtype)
+        state = torch.matmul(pk.transpose(-1, -2), v1)  # [B, Hkv, M', Dv + 1]
+        nd = torch.matmul(pq.reshape(B, Hkv, G * T, Mp), state).view(B, Hkv, G, T, Dv + 1)
+    else:
+        state = pq.new_zeros(B, Hkv, Mp, Dv + 1)
+        keep = torch.ones(chunk, chunk, dtype=pq.dtype, device=pq.device).tril()
+        outs = []
+        for s in range(0, T, chunk):
+            e = min(s + chunk, T)
+            c = e - s
+            cq = pq[:, :, :, s:e].reshape(B, Hkv, G * c, Mp)  # the group's queries stacked along rows
+            ck, cv = pk[:, :, s:e], v1[:, :, s:e]
+            a = torch.matmul(cq, ck.transpose(-1, -2)) * keep[:c, :c].repeat(G, 1)  # [B, Hkv, G * c, c]
+            outs.append((torch.matmul(cq, state) + torch.matmul(a, cv)).view(B, Hkv, G, c, Dv + 1))
+            state = state + torch.matmul(ck.transpose(-1, -2), cv)
+        nd = torch.cat(outs, dim=3)
+    out = nd[..., :Dv] / nd[..., Dv:].clamp_min(eps)  # [B, Hkv, G, T, Dv]
+    return out.reshape(B, H, T, Dv).to(dtype)

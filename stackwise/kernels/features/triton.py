@@ -1,0 +1,633 @@
+# SPDX-License-Identifier: MIT
+"""Random-feature attention in Triton, linear in T, with the feature map fused into every kernel.
+
+Computes exactly :func:`stackwise.kernels.features.reference.feature_attention_ref` (to fp32 rounding):
+``o_i = sum_j a_ij v_j / max(sum_j a_ij, eps)``, ``a_ij = phi(q_i) . phi(k_j)`` (j <= i when causal),
+with the "softmax" (FAVOR+, stabilised) and "trig" (random Fourier on unit-normalised inputs) maps of the
+reference module docstring. phi(q), phi(k) are recomputed in registers from q, k and W and never written to
+global memory; "trig" runs as one feature axis of width 2M over ``[W, W]`` (cos columns, then sin columns).
+
+Kernels, per (batch, head), with F = M ("softmax") or 2M ("trig") features and T split into ``n_split``
+segments of ``CPS`` chunks of ``BLOCK_T`` rows (segments give the GPU parallelism along T):
+- ``_feature_key_max_kernel``: the "softmax" map's global key stabiliser, max over all keys and features of
+  ``x'W - |x'|^2 / 2`` per (batch, kv head). This small separate Triton pass writes one max per key block;
+  torch reduces the blocks (the stabiliser is detached in the reference, and cancels in the ratio).
+- ``_feature_attention_fwd_kernel_state``: per segment and kv head, S = phi(K)^T V [F, Dv], z = phi(K)^T 1 [F].
+  Torch sums the segments (bidirectional) or takes their exclusive prefix sum (causal); both deterministic.
+- ``_feature_attention_fwd_kernel``: outputs. Bidirectional: ``phi(q) S / phi(q) z`` per chunk. Causal:
+  each segment starts from its prefix state and scans its chunks: masked intra-chunk term plus state, then
+  adds the chunk to the state (chunked prefix sums).
+- backward (recomputes the features; W gets no gradient): with g_i = dO_i / den_i and
+  h_i = -(dO_i . o_i) / den_i, ``dphi(q_i) = g_i S_i^T + h_i z_i`` (``_bwd_kernel_dq``, same scan as the
+  forward; it also stores h and 1/den), ``R = sum_i phi(q_i)^T g_i``, ``r = sum_i h_i phi(q_i)`` over the query
+  heads of the group (``_bwd_kernel_state``, suffix sums when causal), then per kv head in reverse order
+  ``dphi(k_j) = R_j v_j + r_j`` and ``dv_j = phi(k_j) R_j`` plus the masked intra-chunk terms
+  (``_bwd_kernel_dkv``). No atomics: backward is deterministic. dx follows from dphi by the chain rule
+  through the map (``_phi_bwd``).
+
+Precision: loads are upcast to fp32 right after ``tl.load``; all matmuls are fp32 (``input_precision`` "ieee"
+for fp32 inputs, "tf32" for bf16/fp16 inputs on GPU, where the inputs already carry that much noise).
+
+Caveats: the state tile [F, Dv] and the feature tile [BLOCK_T, F] live in registers; on GPU that is fine up to
+about F * Dv = 128 * 128 and spills beyond (TODO(issue 4 follow-up): split F across programs for M >= 128
+"softmax" / M >= 64 "trig"). Not yet run on a GPU; CI runs it under ``TRITON_INTERPRET=1``. Inputs that are
+not contiguous are copied once (``.contiguous()``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import check_attention_inputs, interpreting
+from .reference import FEATURE_MAPS
+
+# normaliser clamp, the reference's default eps
+EPS = 1e-20
+MAX_HEAD_DIM = 256
+MAX_FEATURES = 1024
+
+
+@triton.jit
+def _phi_fwd(x, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m,
+             M: tl.constexpr, IS_TRIG: tl.constexpr, IS_QUERY: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """phi(x) [BLOCK_T, BLOCK_F] from raw x [BLOCK_T, BLOCK_D] and w [BLOCK_D, BLOCK_F]; 0 outside the masks."""
+    if IS_TRIG:
+        f_mask = offs_f < 2 * M
+        nrm = tl.sqrt(tl.sum(x * x, 1))
+        xs = x * (x_scale / tl.maximum(nrm, 1e-6))[:, None]
+        proj = tl.dot(xs, w, input_precision=PREC)  # [BLOCK_T, BLOCK_F]
+        phi = tl.where((offs_f >= M)[None, :], tl.sin(proj), tl.cos(proj))
+    else:
+        f_mask = offs_f < M
+        xs = x * x_scale
+        proj = tl.dot(xs, w, input_precision=PREC)  # [BLOCK_T, BLOCK_F]
+        if IS_QUERY:
+            # per-query stabiliser max_f(x'W) - |x'|^2/2: the |x'|^2 terms cancel
+            pmax = tl.max(tl.where(f_mask[None, :], proj, float("-inf")), 1)
+            phi = tl.exp(proj - pmax[:, None])
+        else:
+            sq = 0.5 * tl.sum(xs * xs, 1)
+            phi = tl.exp(proj - sq[:, None] - stab)
+    return tl.where(row_mask[:, None] & f_mask[None, :], phi, 0.0) * inv_sqrt_m
+
+
+@triton.jit
+def _phi_bwd(x, w, row_mask, offs_f, dphi, stab, x_scale, inv_sqrt_m,
+             M: tl.constexpr, IS_TRIG: tl.constexpr, IS_QUERY: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """dL/dx [BLOCK_T, BLOCK_D] from dL/dphi [BLOCK_T, BLOCK_F]; recomputes the features, stabilisers detached."""
+    if IS_TRIG:
+        mask = row_mask[:, None] & (offs_f < 2 * M)[None, :]
+        nrm = tl.sqrt(tl.sum(x * x, 1))
+        nc = tl.maximum(nrm, 1e-6)
+        xs = x * (x_scale / nc)[:, None]
+        proj = tl.dot(xs, w, input_precision=PREC)
+        dproj = dphi * tl.where((offs_f >= M)[None, :], tl.cos(proj), -tl.sin(proj))
+        dproj = tl.where(mask, dproj, 0.0) * inv_sqrt_m
+        dxs = tl.dot(dproj, tl.trans(w), input_precision=PREC)  # [BLOCK_T, BLOCK_D]
+        # through x / max(|x|, 1e-6): project out the radial part where the clamp is inactive
+        xhat = x / nc[:, None]
+        radial = tl.where(nrm >= 1e-6, tl.sum(xhat * dxs, 1), 0.0)
+        dx = (x_scale / nc)[:, None] * (dxs - xhat * radial[:, None])
+    else:
+        phi = _phi_fwd(x, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, IS_QUERY, PREC)
+        # d phi / d x' = phi * (W - x') for both maps (the stabilisers are constants)
+        u = dphi * phi
+        xs = x * x_scale
+        dxs = tl.dot(u, tl.trans(w), input_precision=PREC) - xs * tl.sum(u, 1)[:, None]
+        dx = dxs * x_scale
+    return dx
+
+
+@triton.jit
+def _load_rows(base, rows, row_mask, offs_d, D: tl.constexpr):
+    """Rows of a contiguous [T, D] matrix as fp32 [BLOCK_T, BLOCK_D] (zeros outside)."""
+    x = tl.load(base + rows[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _feature_key_max_kernel(
+    K, W, PMAX, T, x_scale,
+    D: tl.constexpr, M: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0).to(tl.int64)
+    bhkv = tl.program_id(1).to(tl.int64)
+    n_t = tl.num_programs(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_f = tl.arange(0, BLOCK_F)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])  # [BLOCK_D, BLOCK_F], zero-padded on host
+    xs = _load_rows(K + bhkv * T * D, rows, row_mask, offs_d, D) * x_scale
+    logits = tl.dot(xs, w, input_precision=PREC) - 0.5 * tl.sum(xs * xs, 1)[:, None]  # [BLOCK_T, BLOCK_F]
+    logits = tl.where(row_mask[:, None] & (offs_f < M)[None, :], logits, float("-inf"))
+    tl.store(PMAX + bhkv * n_t + pid_t, tl.max(tl.max(logits, 1), 0))
+
+
+@triton.jit
+def _feature_attention_fwd_kernel_state(
+    K, V, W, GMAX, S, Z, T, x_scale, inv_sqrt_m, CPS,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, IS_TRIG: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0).to(tl.int64)
+    bhkv = tl.program_id(1).to(tl.int64)
+    n_bhkv = tl.num_programs(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_f = tl.arange(0, BLOCK_F)
+    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])  # [BLOCK_D, BLOCK_F]
+    stab = tl.load(GMAX + bhkv)
+    k_base = K + bhkv * T * D
+    v_base = V + bhkv * T * DV
+    st = tl.zeros([BLOCK_F, BLOCK_DV], dtype=tl.float32)
+    z = tl.zeros([BLOCK_F], dtype=tl.float32)
+    lo = pid_s * CPS
+    hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    for c in range(lo, hi):
+        rows = c * BLOCK_T + offs_t
+        row_mask = rows < T
+        k = _load_rows(k_base, rows, row_mask, offs_d, D)  # [BLOCK_T, BLOCK_D]
+        v = _load_rows(v_base, rows, row_mask, offs_dv, DV)  # [BLOCK_T, BLOCK_DV]
+        pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+        st += tl.dot(tl.trans(pk), v, input_precision=PREC)
+        z += tl.sum(pk, 0)
+    idx = pid_s * n_bhkv + bhkv
+    tl.store(S + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :], st)
+    tl.store(Z + idx * BLOCK_F + offs_f, z)
+
+
+@triton.jit
+def _feature_attention_fwd_kernel(
+    Q, K, V, W, GMAX, S, Z, Out,
+    H, HKV, T, x_scale, inv_sqrt_m, eps, CPS,
+    GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+    IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    bhkv = b * HKV + (bh % H) // GROUP
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_f = tl.arange(0, BLOCK_F)
+    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])  # [BLOCK_D, BLOCK_F]
+    stab = tl.load(GMAX + bhkv)
+    # causal: the exclusive prefix state of this segment; bidirectional: the total state
+    if CAUSAL:
+        idx = pid_s * (tl.num_programs(1) // GROUP) + bhkv
+    else:
+        idx = bhkv
+    st = tl.load(S + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :])  # [BLOCK_F, BLOCK_DV]
+    z = tl.load(Z + idx * BLOCK_F + offs_f)  # [BLOCK_F]
+    q_base = Q + bh * T * D
+    k_base = K + bhkv * T * D
+    v_base = V + bhkv * T * DV
+    lo = pid_s * CPS
+    hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    for c in range(lo, hi):
+        rows = c * BLOCK_T + offs_t
+        row_mask = rows < T
+        q = _load_rows(q_base, rows, row_mask, offs_d, D)
+        pq = _phi_fwd(q, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)  # [BLOCK_T, BLOCK_F]
+        num = tl.dot(pq, st, input_precision=PREC)  # [BLOCK_T, BLOCK_DV]
+        den = tl.sum(pq * z[None, :], 1)  # [BLOCK_T]
+        if CAUSAL:
+            k = _load_rows(k_base, rows, row_mask, offs_d, D)
+            v = _load_rows(v_base, rows, row_mask, offs_dv, DV)
+            pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+            a = tl.dot(pq, tl.trans(pk), input_precision=PREC)  # [BLOCK_T, BLOCK_T]
+            a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)
+            num += tl.dot(a, v, input_precision=PREC)
+            den += tl.sum(a, 1)
+            st += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            z += tl.sum(pk, 0)
+        o = num / tl.maximum(den, eps)[:, None]
+        o_ptrs = Out + bh * T * DV + rows[:, None] * DV + offs_dv[None, :]
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_mask[:, None] & (offs_dv < DV)[None, :])
+
+
+@triton.jit
+def _feature_attention_bwd_kernel_dq(
+    Q, K, V, W, GMAX, S, Z, DO, DQ, HH, RDEN,
+    H, HKV, T, x_scale, inv_sqrt_m, eps, CPS,
+    GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+    IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    bhkv = b * HKV + (bh % H) // GROUP
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_f = tl.arange(0, BLOCK_F)
+    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])
+    stab = tl.load(GMAX + bhkv)
+    if CAUSAL:
+        idx = pid_s * (tl.num_programs(1) // GROUP) + bhkv
+    else:
+        idx = bhkv
+    st = tl.load(S + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :])  # [BLOCK_F, BLOCK_DV]
+    z = tl.load(Z + idx * BLOCK_F + offs_f)
+    q_base = Q + bh * T * D
+    k_base = K + bhkv * T * D
+    v_base = V + bhkv * T * DV
+    lo = pid_s * CPS
+    hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    for c in range(lo, hi):
+        rows = c * BLOCK_T + offs_t
+        row_mask = rows < T
+        q = _load_rows(q_base, rows, row_mask, offs_d, D)
+        do = _load_rows(DO + bh * T * DV, rows, row_mask, offs_dv, DV)  # [BLOCK_T, BLOCK_DV]
+        pq = _phi_fwd(q, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
+        num = tl.dot(pq, st, input_precision=PREC)
+        den = tl.sum(pq * z[None, :], 1)
+        if CAUSAL:
+            k = _load_rows(k_base, rows, row_mask, offs_d, D)
+            v = _load_rows(v_base, rows, row_mask, offs_dv, DV)
+            pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+            causal = rows[:, None] >= rows[None, :]
+            a = tl.where(causal, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)  # [BLOCK_T, BLOCK_T]
+            num += tl.dot(a, v, input_precision=PREC)
+            den += tl.sum(a, 1)
+        rden = 1.0 / tl.maximum(den, eps)
+        g = do * rden[:, None]  # [BLOCK_T, BLOCK_DV]
+        # the clamp passes no gradient to den where it is active
+        hh = tl.where(den >= eps, -tl.sum(g * num, 1) * rden, 0.0)  # [BLOCK_T]
+        dpq = tl.dot(g, tl.trans(st), input_precision=PREC) + hh[:, None] * z[None, :]  # [BLOCK_T, BLOCK_F]
+        if CAUSAL:
+            mm = tl.where(causal, tl.dot(g, tl.trans(v), input_precision=PREC) + hh[:, None], 0.0)
+            dpq += tl.dot(mm, pk, input_precision=PREC)
+            st += tl.dot(tl.trans(pk), v, input_precision=PREC)
+            z += tl.sum(pk, 0)
+        dq = _phi_bwd(q, w, row_mask, offs_f, dpq, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
+        tl.store(
+            DQ + bh * T * D + rows[:, None] * D + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=row_mask[:, None] & (offs_d < D)[None, :],
+        )
+        tl.store(HH + bh * T + rows, hh, mask=row_mask)
+        tl.store(RDEN + bh * T + rows, rden, mask=row_mask)
+
+
+@triton.jit
+def _feature_attention_bwd_kernel_state(
+    Q, W, DO, HH, RDEN, R, RZ,
+    H, HKV, T, x_scale, inv_sqrt_m, CPS,
+    GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, IS_TRIG: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0).to(tl.int64)
+    bhkv = tl.program_id(1).to(tl.int64)
+    n_bhkv = tl.num_programs(1)
+    b = bhkv // HKV
+    hkv = bhkv % HKV
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_f = tl.arange(0, BLOCK_F)
+    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])
+    rs = tl.zeros([BLOCK_F, BLOCK_DV], dtype=tl.float32)
+    rz = tl.zeros([BLOCK_F], dtype=tl.float32)
+    lo = pid_s * CPS
+    hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    for c in range(lo, hi):
+        rows = c * BLOCK_T + offs_t
+        row_mask = rows < T
+        # the group's query heads in a fixed order (deterministic sum)
+        for g_idx in range(GROUP):
+            bh = b * H + hkv * GROUP + g_idx
+            q = _load_rows(Q + bh * T * D, rows, row_mask, offs_d, D)
+            pq = _phi_fwd(q, w, row_mask, offs_f, 0.0, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
+            do = _load_rows(DO + bh * T * DV, rows, row_mask, offs_dv, DV)
+            rden = tl.load(RDEN + bh * T + rows, mask=row_mask, other=0.0)
+            hh = tl.load(HH + bh * T + rows, mask=row_mask, other=0.0)
+            rs += tl.dot(tl.trans(pq), do * rden[:, None], input_precision=PREC)
+            rz += tl.sum(pq * hh[:, None], 0)
+    idx = pid_s * n_bhkv + bhkv
+    tl.store(R + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :], rs)
+    tl.store(RZ + idx * BLOCK_F + offs_f, rz)
+
+
+@triton.jit
+def _feature_attention_bwd_kernel_dkv(
+    Q, K, V, W, GMAX, R, RZ, DO, HH, RDEN, DK, DV_,
+    H, HKV, T, x_scale, inv_sqrt_m, CPS,
+    GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+    IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0).to(tl.int64)
+    bhkv = tl.program_id(1).to(tl.int64)
+    b = bhkv // HKV
+    hkv = bhkv % HKV
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_f = tl.arange(0, BLOCK_F)
+    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])
+    stab = tl.load(GMAX + bhkv)
+    # causal: the exclusive suffix state (later segments); bidirectional: the total
+    if CAUSAL:
+        idx = pid_s * tl.num_programs(1) + bhkv
+    else:
+        idx = bhkv
+    rs = tl.load(R + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :])  # [BLOCK_F, BLOCK_DV]
+    rz = tl.load(RZ + idx * BLOCK_F + offs_f)  # [BLOCK_F]
+    k_base = K + bhkv * T * D
+    v_base = V + bhkv * T * DV
+    lo = pid_s * CPS
+    hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    # chunks in reverse: the state holds the queries after the current chunk
+    for i in range(0, hi - lo):
+        c = hi - 1 - i
+        rows = c * BLOCK_T + offs_t
+        row_mask = rows < T
+        k = _load_rows(k_base, rows, row_mask, offs_d, D)
+        v = _load_rows(v_base, rows, row_mask, offs_dv, DV)  # [BLOCK_T, BLOCK_DV]
+        pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+        dpk = tl.dot(v, tl.trans(rs), input_precision=PREC) + rz[None, :]  # [BLOCK_T, BLOCK_F]
+        dv = tl.dot(pk, rs, input_precision=PREC)  # [BLOCK_T, BLOCK_DV]
+        if CAUSAL:
+            # causal[i, j]: query row i sees key row j
+            causal = rows[:, None] >= rows[None, :]
+            for g_idx in range(GROUP):
+                bh = b * H + hkv * GROUP + g_idx
+                q = _load_rows(Q + bh * T * D, rows, row_mask, offs_d, D)
+                pq = _phi_fwd(q, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
+                do = _load_rows(DO + bh * T * DV, rows, row_mask, offs_dv, DV)
+                rden = tl.load(RDEN + bh * T + rows, mask=row_mask, other=0.0)
+                hh = tl.load(HH + bh * T + rows, mask=row_mask, other=0.0)
+                g = do * rden[:, None]  # [BLOCK_T, BLOCK_DV]
+                mm = tl.where(causal, tl.dot(g, tl.trans(v), input_precision=PREC) + hh[:, None], 0.0)
+                dpk += tl.dot(tl.trans(mm), pq, input_precision=PREC)
+                a = tl.where(causal, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)  # [BLOCK_T, BLOCK_T]
+                dv += tl.dot(tl.trans(a), g, input_precision=PREC)
+                rs += tl.dot(tl.trans(pq), g, input_precision=PREC)
+                rz += tl.sum(pq * hh[:, None], 0)
+        dk = _phi_bwd(k, w, row_mask, offs_f, dpk, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+        tl.store(
+            DK + bhkv * T * D + rows[:, None] * D + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=row_mask[:, None] & (offs_d < D)[None, :],
+        )
+        tl.store(
+            DV_ + bhkv * T * DV + rows[:, None] * DV + offs_dv[None, :],
+            dv.to(DV_.dtype.element_ty),
+            mask=row_mask[:, None] & (offs_dv < DV)[None, :],
+        )
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Tensor, feature_map: str) -> None:
+    """Validate the feature kernels' inputs (public checks plus the kernels' own limits).
+
+    Raises:
+        ValueError: bad shapes/dtypes/devices naming the argument, T != S, too large D or M, unknown map.
+        RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
+    """
+    check_attention_inputs(q, k, v)
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"triton_feature_attention runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got q on {q.device}; "
+            "use stackwise.kernels.feature_attention(..., backend='torch')"
+        )
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"feature attention needs T == S, got q length {q.shape[2]} and k length {k.shape[2]}")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims must be <= {MAX_HEAD_DIM}, got q {q.shape[-1]}, v {v.shape[-1]}")
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.shape[0] != q.shape[-1]:
+        got = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"W must be [head_dim={q.shape[-1]}, n_features], got {got}; use draw_features()")
+    if W.shape[1] > MAX_FEATURES:
+        raise ValueError(f"W has {W.shape[1]} features; at most {MAX_FEATURES} are supported")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {list(FEATURE_MAPS)}, got {feature_map!r}")
+
+
+def _pow2(n: int) -> int:
+    """n padded to a power of two >= 16 (``tl.dot`` needs every dim >= 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+class _Plan:
+    """Shapes, block sizes, T segments and the padded fp32 projection shared by forward and backward."""
+
+    def __init__(self, q, k, v, W, *, causal, feature_map, scale):
+        self.B, self.H, self.T, self.D = q.shape
+        self.HKV, self.DV = k.shape[1], v.shape[-1]
+        self.M = W.shape[1]
+        self.causal = bool(causal)
+        self.is_trig = feature_map == "trig"
+        scale = self.D**-0.5 if scale is None else float(scale)
+        # x' = x * sqrt(scale) ("softmax"); x^ = x / |x| * sqrt(scale) * D^(1/4) ("trig")
+        self.x_scale = math.sqrt(scale) * (self.D**0.25 if self.is_trig else 1.0)
+        self.inv_sqrt_m = 1.0 / math.sqrt(self.M)
+        F = 2 * self.M if self.is_trig else self.M
+        self.BLOCK_D, self.BLOCK_DV, self.BLOCK_F = _pow2(self.D), _pow2(self.DV), _pow2(F)
+        self.BLOCK_T = 64 if interpreting() or self.BLOCK_F * max(self.BLOCK_D, self.BLOCK_DV) <= 128 * 128 else 32
+        w = W.to(device=q.device, dtype=torch.float32)
+        w = torch.cat([w, w], dim=1) if self.is_trig else w
+        self.w = torch.zeros(self.BLOCK_D, self.BLOCK_F, device=q.device, dtype=torch.float32)
+        self.w[: self.D, :F] = w
+        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        n_blocks = triton.cdiv(self.T, self.BLOCK_T)
+        if interpreting():
+            # two chunks per segment, so CI covers both the in-program scan and the segment prefix sums
+            self.cps = 2
+        else:
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            splits = max(1, min(n_blocks, (4 * sms) // (self.B * self.H)))
+            self.cps = triton.cdiv(n_blocks, splits)
+        self.n_split = triton.cdiv(n_blocks, self.cps)
+        self.num_warps = 4 if self.BLOCK_F * self.BLOCK_DV <= 64 * 64 else 8
+
+    def meta(self) -> dict:
+        return dict(
+            D=self.D, DV=self.DV, M=self.M, IS_TRIG=self.is_trig, BLOCK_T=self.BLOCK_T, BLOCK_D=self.BLOCK_D,
+            BLOCK_DV=self.BLOCK_DV, BLOCK_F=self.BLOCK_F, PREC=self.prec, num_warps=self.num_warps,
+        )  # fmt: skip
+
+
+def _key_max(k: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The "softmax" map's global key stabiliser [B * Hkv] (zeros for "trig", which needs none)."""
+    n_kv = plan.B * plan.HKV
+    if plan.is_trig:
+        return torch.zeros(n_kv, device=k.device, dtype=torch.float32)
+    n_t = triton.cdiv(plan.T, plan.BLOCK_T)
+    pmax = torch.empty(n_kv, n_t, device=k.device, dtype=torch.float32)
+    _feature_key_max_kernel[(n_t, n_kv)](
+        k, plan.w, pmax, plan.T, plan.x_scale, D=plan.D, M=plan.M, BLOCK_T=plan.BLOCK_T, BLOCK_D=plan.BLOCK_D,
+        BLOCK_F=plan.BLOCK_F, PREC=plan.prec, num_warps=plan.num_warps,
+    )  # fmt: skip
+    return pmax.amax(dim=1)
+
+
+def _segment_scan(x: torch.Tensor, causal: bool, reverse: bool) -> torch.Tensor:
+    """Per-segment partial states [n_split, ...] -> total [1, ...], or exclusive prefix (suffix) sums."""
+    if not causal:
+        return x.sum(0, keepdim=True)
+    if reverse:
+        return _segment_scan(x.flip(0), causal, False).flip(0)
+    return torch.cat([torch.zeros_like(x[:1]), x[:-1].cumsum(0)], dim=0)
+
+
+def feature_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernels.
+
+    Args:
+        q (torch.Tensor): [B, H, T, D] contiguous.
+        k (torch.Tensor): [B, Hkv, T, D] contiguous.
+        v (torch.Tensor): [B, Hkv, T, Dv] contiguous.
+        plan: shapes, blocks and the padded projection (:class:`_Plan`).
+
+    Returns:
+        tuple: o [B, H, T, Dv] (q's dtype), the key stabiliser [B * Hkv], and the states the output pass read:
+        S [n, B * Hkv, F', Dv'] and z [n, B * Hkv, F'] (n = 1 bidirectional, n_split causal; padded, fp32).
+    """
+    p = plan
+    gmax = _key_max(k, p)
+    n_kv = p.B * p.HKV
+    s_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, p.BLOCK_DV, device=q.device, dtype=torch.float32)
+    z_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, device=q.device, dtype=torch.float32)
+    _feature_attention_fwd_kernel_state[(p.n_split, n_kv)](
+        k, v, p.w, gmax, s_part, z_part, p.T, p.x_scale, p.inv_sqrt_m, p.cps, **p.meta()
+    )
+    s_state = _segment_scan(s_part, p.causal, reverse=False).contiguous()
+    z_state = _segment_scan(z_part, p.causal, reverse=False).contiguous()
+    o = torch.empty(p.B, p.H, p.T, p.DV, device=q.device, dtype=q.dtype)
+    # bidirectional chunks are independent: one program per chunk
+    cps = p.cps if p.causal else 1
+    n_prog = p.n_split if p.causal else triton.cdiv(p.T, p.BLOCK_T)
+    _feature_attention_fwd_kernel[(n_prog, p.B * p.H)](
+        q, k, v, p.w, gmax, s_state, z_state, o,
+        p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, EPS, cps,
+        GROUP=p.H // p.HKV, CAUSAL=p.causal, **p.meta(),
+    )  # fmt: skip
+    return o, gmax, s_state, z_state
+
+
+def feature_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gmax: torch.Tensor,
+    s_state: torch.Tensor,
+    z_state: torch.Tensor,
+    plan: _Plan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels (dq with h and 1/den, the R/r states, then dk/dv).
+
+    Args:
+        do (torch.Tensor): [B, H, T, Dv] contiguous upstream gradient.
+        q, k, v (torch.Tensor): the contiguous forward inputs.
+        gmax, s_state, z_state: from :func:`feature_attention_fwd`.
+        plan: the forward's :class:`_Plan`.
+
+    Returns:
+        tuple: dq [B, H, T, D], dk [B, Hkv, T, D], dv [B, Hkv, T, Dv] in the input dtype.
+    """
+    p = plan
+    n_kv = p.B * p.HKV
+    group = p.H // p.HKV
+    cps = p.cps if p.causal else 1
+    n_prog = p.n_split if p.causal else triton.cdiv(p.T, p.BLOCK_T)
+    dq = torch.empty_like(q)
+    hh = torch.empty(p.B, p.H, p.T, device=q.device, dtype=torch.float32)
+    rden = torch.empty(p.B, p.H, p.T, device=q.device, dtype=torch.float32)
+    _feature_attention_bwd_kernel_dq[(n_prog, p.B * p.H)](
+        q, k, v, p.w, gmax, s_state, z_state, do, dq, hh, rden,
+        p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, EPS, cps,
+        GROUP=group, CAUSAL=p.causal, **p.meta(),
+    )  # fmt: skip
+    r_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, p.BLOCK_DV, device=q.device, dtype=torch.float32)
+    rz_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, device=q.device, dtype=torch.float32)
+    _feature_attention_bwd_kernel_state[(p.n_split, n_kv)](
+        q, p.w, do, hh, rden, r_part, rz_part, p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, p.cps,
+        GROUP=group, **p.meta(),
+    )  # fmt: skip
+    r_state = _segment_scan(r_part, p.causal, reverse=True).contiguous()
+    rz_state = _segment_scan(rz_part, p.causal, reverse=True).contiguous()
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    _feature_attention_bwd_kernel_dkv[(n_prog if p.causal else triton.cdiv(p.T, p.BLOCK_T), n_kv)](
+        q, k, v, p.w, gmax, r_state, rz_state, do, hh, rden, dk, dv,
+        p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, cps,
+        GROUP=group, CAUSAL=p.causal, **p.meta(),
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class FeatureAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, the stabiliser and the small states; backward recomputes features."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, W, causal: bool, feature_map: str, scale: float | None):
+        _check_inputs(q, k, v, W, feature_map)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        plan = _Plan(q, k, v, W, causal=causal, feature_map=feature_map, scale=scale)
+        o, gmax, s_state, z_state = feature_attention_fwd(q, k, v, plan)
+        ctx.save_for_backward(q, k, v, gmax, s_state, z_state)
+        ctx.plan = plan
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, gmax, s_state, z_state = ctx.saved_tensors
+        dq, dk, dv = feature_attention_bwd(do.contiguous(), q, k, v, gmax, s_state, z_state, ctx.plan)
+        return dq, dk, dv, None, None, None, None
+
+
+def triton_feature_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    causal: bool,
+    feature_map: str = "softmax",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Random-feature attention (Triton), linear in T, differentiable in q, k, v (not W).
+
+    Args:
+        q (torch.Tensor): [B, H, T, D].
+        k (torch.Tensor): [B, Hkv, T, D]; H % Hkv == 0.
+        v (torch.Tensor): [B, Hkv, T, Dv]; Dv may differ from D; head dims <= 256.
+        W (torch.Tensor): [D, M] from :func:`~stackwise.kernels.draw_features`, M <= 1024, shared by all heads.
+        causal: query i attends to keys j <= i only.
+        feature_map: "softmax" (FAVOR+, estimates exp(q.k * scale)) or "trig" (random Fourier features).
+        scale: defaults to D ** -0.5.
+
+    Returns:
+        torch.Tensor: [B, H, T, Dv] in q's dtype.
+
+    Raises:
+        ValueError: bad shapes, dtypes or devices (naming the argument), T != S, D or M too large.
+        RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
+
+    Examples::
+
+        >>> W = draw_features(64, 128, family="orthogonal", seed=0)
+        >>> q = k = v = torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16)
+        >>> triton_feature_attention(q, k, v, W, causal=True).shape
+        torch.Size([1, 4, 1024, 64])
+    """
+    return FeatureAttentionFunction.apply(q, k, v, W, causal, feature_map, scale)

@@ -251,6 +251,22 @@ class DataConfig:
         _in_range("data.seq_len", self.seq_len, 2)
         _in_range("data.dummy_sequences", self.dummy_sequences, 1)
         _in_range("data.val_fraction", self.val_fraction, 0.0, 0.5)
+        _one_of("data.corpus", self.corpus, ("", "shakespeare", "kjv", "shakespeare+kjv"))
+        if not self.dummy:
+            if self.corpus and self.text_files:
+                raise ConfigError(
+                    f"data.corpus ({self.corpus!r}) and data.text_files ({len(self.text_files)} entries) are both set; "
+                    f"choose one (set data.corpus='' to use your files)"
+                )
+            if not self.corpus and not self.text_files:
+                raise ConfigError(
+                    "data.dummy is false but neither data.corpus nor data.text_files is set; e.g. "
+                    "--data.corpus=shakespeare or --data.text_files=[my.txt], or --data.dummy=true"
+                )
+            if self.val_fraction == 0:
+                raise ConfigError(
+                    "data.val_fraction=0 leaves no held-out split, which per-stage evaluation needs; use e.g. 0.05"
+                )
         _in_range("data.max_train_sequences", self.max_train_sequences, 0)
 
 
@@ -345,6 +361,16 @@ class EngineConfig:
     """Keep every layer's activation cache (all), or delete layer k-1's once layer k's is written (last)."""
     cache_shard_sequences: int = 64
     """Masked views per activation shard (shards are streamed and verified one at a time)."""
+    cache: str = "disk"
+    """Inputs of stage k: disk (read layer k-1's cached outputs) or recompute (rerun frozen layers 0..k-1 from the views)."""
+    deepspeed_config: str = ""
+    """DeepSpeed JSON file whose keys override the dict built from this config (deepspeed backend); empty for none."""
+    offload_nvme_path: str = ""
+    """Directory on a local NVMe for ZeRO-Infinity offload; empty offloads to CPU memory (when offload is on)."""
+    optimizer: str = "auto"
+    """Optimizer under deepspeed: torch (torch AdamW, no C++ build), deepspeed (DeepSpeed AdamW), auto (deepspeed on CUDA)."""
+    dist_timeout_s: int = 600
+    """Seconds a collective may wait for the other ranks before the job fails instead of hanging."""
 
     def __post_init__(self) -> None:
         _one_of("engine.backend", self.backend, BACKENDS)
@@ -353,6 +379,16 @@ class EngineConfig:
         _one_of("engine.cache_dtype", self.cache_dtype, DTYPES)
         _one_of("engine.cache_keep", self.cache_keep, ("all", "last"))
         _in_range("engine.cache_shard_sequences", self.cache_shard_sequences, 1)
+        _one_of("engine.cache", self.cache, ("disk", "recompute"))
+        _one_of("engine.optimizer", self.optimizer, ("auto", "torch", "deepspeed"))
+        _in_range("engine.dist_timeout_s", self.dist_timeout_s, 1)
+        if self.deepspeed_config and not self.deepspeed_config.endswith(".json"):
+            raise ConfigError(f"engine.deepspeed_config must name a .json file, got {self.deepspeed_config!r}")
+        if self.offload_nvme_path and not (self.offload_params or self.offload_optimizer):
+            raise ConfigError(
+                f"engine.offload_nvme_path ({self.offload_nvme_path!r}) has no effect without offload; set "
+                f"engine.offload_params=true and/or engine.offload_optimizer=true, or clear the path"
+            )
 
 
 @dataclass(kw_only=True)

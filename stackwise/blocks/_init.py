@@ -24,7 +24,8 @@ def seeded_normal_(param: torch.Tensor, std: float, *parts: object) -> torch.Ten
     if param.is_meta:
         return param
     g = torch.Generator(device="cpu").manual_seed(derive_seed(*parts))
-    values = torch.randn(param.shape, generator=g, dtype=torch.float32) * std
+    # one fp32 temporary (scaled in place): a 70B-shaped SwiGLU matrix is ~0.9 GB
+    values = torch.randn(param.shape, generator=g, dtype=torch.float32).mul_(std)
     with torch.no_grad():
         param.copy_(values.to(device=param.device, dtype=param.dtype))
     return param

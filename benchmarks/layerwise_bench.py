@@ -1,0 +1,273 @@
+# SPDX-License-Identifier: MIT
+"""Layer-wise vs end-to-end: peak memory and tokens/s, each beside the planner's prediction.
+
+Cases (each in a FRESH subprocess, so peak RSS belongs to that case alone):
+- ``stage``: cached-activation-like h [B, T, C] -> layer k -> head -> masked_loss (diffusion mask), AdamW on
+  layer k + head. This mirrors one step of the stage trainer (stackwise/engine, written in parallel), built
+  here from the model's public pieces (run_layers, head, objective.masked_loss).
+- ``cache``: caching layer k's outputs (forward only, no grad).
+- ``e2e``: end-to-end training of the same model (embeddings, all layers, head), gate/up frozen as in the model.
+- ``io``: activation-shard streaming (numpy .npy shards, plain and with SHA-256 as the store verifies)
+  against the disk's sequential read of one big file, page cache dropped before each read when possible.
+
+Memory: on CPU, ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the worker after the work; the baseline
+RSS after imports and after a warm-up step of a tiny model of the same kind (which pages in ~70 MB of
+library code) are reported, and the planner is compared with peak - baseline (after warm-up). On CUDA,
+``torch.cuda.max_memory_allocated``. Usage::
+
+    python benchmarks/layerwise_bench.py                      # scaled tiny config on CPU, all cases
+    python benchmarks/layerwise_bench.py --shape 70b-layer    # one 70B-shaped layer, vocab 256, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DEFAULT_OVERRIDES = ["--model.vocab_size=8192", "--model.d_model=768", "--model.n_layers=4", "--model.n_heads=12",
+                     "--model.n_kv_heads=4", "--model.d_ff=2048", "--model.max_seq_len=512", "--data.seq_len=256",
+                     "--train.batch_size=4", "--model.attention.backend=torch"]
+SHAPE_70B = ["--model.vocab_size=256", "--model.d_model=8192", "--model.n_layers=2", "--model.n_heads=64",
+             "--model.n_kv_heads=8", "--model.d_ff=28672", "--model.max_seq_len=64", "--data.seq_len=32",
+             "--train.batch_size=1", "--model.attention.attention_type=gqa", "--model.attention.backend=torch"]
+
+
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _cur_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _make_step(case: str, cfg, dev, gen):
+    """Build the model, data and optimizer of ``case``; return its step function (one training/caching step)."""
+    import torch
+
+    from stackwise.model import StackWiseLM
+    from stackwise.objective import diffusion_mask, masked_loss
+
+    m, B, T = cfg.model, cfg.train.batch_size, cfg.data.seq_len
+    k = min(1, m.n_layers - 1)
+    model = StackWiseLM(m, layers=None if case == "e2e" else [k]).to(dev)
+    ids = torch.randint(0, m.vocab_size - 1, (B, T), generator=gen)
+    masked, targets, loss_mask, _ = diffusion_mask(ids, gen, mask_id=m.mask_id, mask_fraction_min=0.15,
+                                                   mask_fraction_max=0.9)
+    masked, targets, loss_mask = masked.to(dev), targets.to(dev), loss_mask.to(dev)
+    # two cached-activation batches: the one in use and the prefetched one (the store's double buffer)
+    shards = [torch.randn(B, T, m.d_model, generator=gen).to(dev) for _ in range(2)]
+    if case == "cache":
+        model.eval()
+
+        def step(i):
+            with torch.no_grad():
+                return model.run_layers(shards[i % 2], k, k + 1).to(torch.float32)
+
+        return step
+    if case == "stage":
+        params = [p for n, p in model.named_parameters() if p.requires_grad and
+                  (n.startswith(f"layers.{k}.") or n.startswith(("norm.", "output.", "tok_embeddings.")))]
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+
+    # mirrors one step of the stage trainer (stackwise/engine): cached h -> layer k -> head -> masked loss
+    def step(i):
+        h = model.run_layers(shards[i % 2], k, k + 1) if case == "stage" else model.run_layers(model.embed(masked))
+        loss = masked_loss(model.head(h), targets, loss_mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _worker(case: str, cfg_path: str, overrides: list[str], steps: int, device: str) -> dict:
+    import gc
+
+    import torch
+
+    from stackwise.config import load_config
+
+    torch.manual_seed(0)
+    cfg = load_config(cfg_path, overrides)
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    after_imports = _cur_rss()
+    # warm-up on a tiny model of the same kind: pages in the library code (~70 MB of libtorch text on the first
+    # attention call) and starts thread pools, so the baseline holds everything but this case's tensors
+    tiny = load_config(cfg_path, overrides + ["--model.d_model=64", "--model.n_heads=4", "--model.n_kv_heads=2",
+                                              "--model.d_ff=128", "--model.vocab_size=64", "--train.batch_size=1",
+                                              "--data.seq_len=16", "--model.attention.mla_rq=32",
+                                              "--model.attention.mla_rkv=16", "--model.attention.qk_nope_head_dim=16",
+                                              "--model.attention.qk_rope_head_dim=8",
+                                              "--model.attention.v_head_dim=16"])
+    warm = _make_step(case, tiny, dev, torch.Generator().manual_seed(0))
+    for i in range(2):
+        warm(i)
+    del warm
+    gc.collect()
+    base = _cur_rss()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    step = _make_step(case, cfg, dev, gen)
+    step(0)  # allocates the optimizer state
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        out = step(i + 1)
+    float(out.sum())
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss()
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    return {"case": case, "rss_after_imports": after_imports, "baseline": base, "peak": peak,
+            "measured": peak - base, "step_s": dt, "tokens_per_s": B * T / dt, "B": B, "T": T,
+            "threads": torch.get_num_threads()}
+
+
+def _drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _io_case(total_mb: int, shard_mb: int) -> dict:
+    import hashlib
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("STACKWISE_BENCH_DIR", ROOT)) as d:
+        n = max(1, total_mb // shard_mb)
+        rows = shard_mb * 2**20 // (4 * 1024)
+        for i in range(n):
+            np.save(os.path.join(d, f"shard_{i:05d}.h.npy"), np.random.default_rng(i).random((rows, 1024), np.float32))
+        with open(os.path.join(d, "big.bin"), "wb") as f:
+            chunk = os.urandom(16 * 2**20)
+            for _ in range(n * shard_mb // 16):
+                f.write(chunk)
+        out = {"case": "io", "bytes": n * shard_mb * 2**20, "shards": n}
+
+        def timed(fn, key):
+            out[f"dropped_{key}"] = _drop_caches()
+            t0 = time.perf_counter()
+            nbytes = fn()
+            out[f"{key}_MBps"] = nbytes / 2**20 / (time.perf_counter() - t0)
+
+        def big():
+            with open(os.path.join(d, "big.bin"), "rb", buffering=0) as f:
+                return sum(len(b) for b in iter(lambda: f.read(16 * 2**20), b""))
+
+        def shards(verify=False):
+            total = 0
+            for i in range(n):
+                path = os.path.join(d, f"shard_{i:05d}.h.npy")
+                if verify:
+                    with open(path, "rb") as f:
+                        raw = f.read()
+                    hashlib.sha256(raw).hexdigest()
+                    a = np.load(__import__("io").BytesIO(raw))
+                else:
+                    a = np.load(path)
+                total += a.nbytes
+            return total
+
+        timed(big, "disk_seq")
+        timed(shards, "shards")
+        timed(lambda: shards(True), "shards_sha256")
+        out["ratio_shards_to_disk"] = out["shards_MBps"] / out["disk_seq_MBps"]
+        out["ratio_sha256_to_disk"] = out["shards_sha256_MBps"] / out["disk_seq_MBps"]
+        return out
+
+
+def _plan_for(case: str, cfg_path: str, overrides: list[str], device: str):
+    from stackwise.config import load_config
+    from stackwise.plan import plan_cache, plan_end_to_end, plan_stage
+
+    cfg = load_config(cfg_path, overrides)
+    kw = dict(dtype=cfg.train.dtype, device=device)
+    if case == "stage":
+        return plan_stage(cfg, world_size=1, zero_stage=0, cache_dtype="float32", **kw)
+    if case == "cache":
+        return plan_cache(cfg, cache_dtype="float32", **kw)
+    return plan_end_to_end(cfg, world_size=1, zero_stage=0, keep_frozen_mlp=True, **kw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
+    ap.add_argument("--shape", choices=["config", "70b-layer"], default="config",
+                    help="70b-layer: one d8192/ff28672/64-8-head layer, vocab 256, B*T=32, fp32")
+    ap.add_argument("--cases", default=None, help="comma list of stage,cache,e2e,io (default: all for config, "
+                    "stage,cache for 70b-layer)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--io_mb", type=int, default=512, help="MB of shards written for the io case")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args, overrides = ap.parse_known_args(argv)
+    preset = SHAPE_70B if args.shape == "70b-layer" else (DEFAULT_OVERRIDES if args.config.endswith("tiny.yaml")
+                                                          else ["--model.attention.backend=torch"])
+    overrides = preset + overrides + ["--train.dtype=float32"] * (args.device == "cpu")
+    steps = args.steps or (2 if args.shape == "70b-layer" else 5)
+    if args.worker:
+        print("RESULT " + json.dumps(_worker(args.worker, args.config, overrides, steps, args.device)))
+        return
+    cases = (args.cases or ("stage,cache" if args.shape == "70b-layer" else "stage,cache,e2e,io")).split(",")
+    results = {}
+    for case in cases:
+        if case == "io":
+            r = _io_case(args.io_mb, 64)
+            print(f"io: disk sequential {r['disk_seq_MBps']:.0f} MB/s, shard stream {r['shards_MBps']:.0f} MB/s "
+                  f"({100 * r['ratio_shards_to_disk']:.0f}%), with sha256 {r['shards_sha256_MBps']:.0f} MB/s "
+                  f"({100 * r['ratio_sha256_to_disk']:.0f}%); page cache dropped: {r['dropped_disk_seq']}")
+            print("JSON " + json.dumps(r))
+            results[case] = r
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--config", args.config,
+               "--device", args.device, "--steps", str(steps), "--shape", "config", *overrides]
+        # a fixed mmap threshold makes glibc return every freed block over 64 KiB to the OS, so peak RSS counts
+        # live tensors rather than glibc's heap high-water mark (its dynamic threshold keeps blocks < 32 MiB)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"error: worker {case} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        r = json.loads(line[0][7:])
+        plan = _plan_for(case, args.config, overrides, args.device)
+        r.update(planned=plan.total, planned_parts=plan.parts, error=plan.total / r["measured"] - 1,
+                 flops_per_token=plan.flops_per_token, gflops=plan.flops_per_token * r["tokens_per_s"] / 1e9,
+                 shape=args.shape, device=args.device)
+        print(f"{case:6s} B={r['B']} T={r['T']}: {r['tokens_per_s']:9.1f} tok/s ({r['gflops']:.1f} GFLOP/s) | "
+              f"peak {r['peak'] / 2**30:.3f} GiB, baseline {r['baseline'] / 2**30:.3f} GiB (after imports "
+              f"{r['rss_after_imports'] / 2**30:.3f}), peak - baseline "
+              f"{r['measured'] / 2**30:.3f} GiB | planned {plan.total / 2**30:.3f} GiB ({100 * r['error']:+.1f}%)")
+        print("JSON " + json.dumps(r))
+        results[case] = r
+    if "stage" in results and "e2e" in results:
+        from stackwise.config import load_config
+
+        L = load_config(args.config, overrides).model.n_layers
+        ratio = results["stage"]["tokens_per_s"] / (results["e2e"]["tokens_per_s"] * L)
+        print(f"stage tok/s / (e2e tok/s x n_layers={L}) = {ratio:.2f} (1.00 = no layer-wise overhead; the stage "
+              f"also runs the head, which end-to-end amortises over {L} layers)")
+        print("JSON " + json.dumps({"case": "summary", "stage_vs_e2e_per_layer": ratio, "n_layers": L}))
+
+
+if __name__ == "__main__":
+    main()

@@ -82,20 +82,27 @@ class ShardWriter:
 
     Use ``add(arrays)`` per shard, then ``close(meta)``; until the manifest exists the directory is
     incomplete and readers refuse it. Re-creating a writer on an existing directory removes it first.
+
+    Data-parallel writing: one rank creates the directory (``fresh=True``), the others open it with
+    ``fresh=False`` after a barrier; each adds its shards with their global ``index``; one rank calls
+    ``close(meta, shards=...)`` with every rank's :attr:`shards` merged (see :func:`merge_shard_entries`).
     """
 
-    def __init__(self, directory: str, kind: str):
+    def __init__(self, directory: str, kind: str, *, fresh: bool = True):
         self.directory, self.kind = directory, kind
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.makedirs(directory)
+        if fresh:
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.makedirs(directory)
+        elif not os.path.isdir(directory):
+            raise ActivationCacheError(f"{directory} does not exist; the writing rank must create it first")
         self.shards: list[dict] = []
 
-    def add(self, arrays: dict[str, np.ndarray]) -> None:
+    def add(self, arrays: dict[str, np.ndarray], index: int | None = None) -> None:
         rows = {a.shape[0] for a in arrays.values()}
         if len(rows) != 1:
             raise ValueError(f"arrays of one shard must have the same number of rows, got {sorted(rows)}")
-        idx = len(self.shards)
+        idx = len(self.shards) if index is None else index
         files = {}
         for name, a in arrays.items():
             fname = f"shard_{idx:05d}.{name}.npy"
@@ -105,14 +112,24 @@ class ShardWriter:
             _atomic_write_bytes(os.path.join(self.directory, fname), data)
             files[name] = {"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "shape": list(a.shape),
                            "dtype": str(a.dtype)}
-        self.shards.append({"rows": rows.pop(), "files": files})
+        self.shards.append({"rows": rows.pop(), "files": files, "index": idx})
 
-    def close(self, meta: dict) -> dict:
-        manifest = {"format": FORMAT, "kind": self.kind, "rows": sum(s["rows"] for s in self.shards),
-                    "shards": self.shards, **meta}
+    def close(self, meta: dict, shards: list[dict] | None = None) -> dict:
+        """Write the manifest (last, atomically); ``shards`` defaults to this writer's own."""
+        entries = merge_shard_entries([self.shards if shards is None else shards])
+        manifest = {"format": FORMAT, "kind": self.kind, "rows": sum(s["rows"] for s in entries),
+                    "shards": entries, **meta}
         _fsync_dir(self.directory)
         _atomic_write_bytes(os.path.join(self.directory, MANIFEST), json.dumps(manifest, indent=1).encode())
         return manifest
+
+
+def merge_shard_entries(per_rank: list[list[dict]]) -> list[dict]:
+    """Shard entries of several writers in index order, checking that indices are 0..n-1 exactly once."""
+    entries = sorted((s for part in per_rank for s in part), key=lambda s: s["index"])
+    if [s["index"] for s in entries] != list(range(len(entries))):
+        raise ActivationCacheError(f"shard indices {[s['index'] for s in entries]} are not 0..{len(entries) - 1}")
+    return [{"rows": s["rows"], "files": s["files"]} for s in entries]
 
 
 def read_manifest(directory: str, *, what: str = "activation cache") -> dict:
@@ -146,7 +163,11 @@ def read_shard_array(directory: str, entry: dict) -> np.ndarray:
             f"activation shard {path} failed its checksum (corrupt or modified); delete {directory} and rerun "
             f"the stage that writes it"
         )
-    a = np.load(io.BytesIO(data), allow_pickle=False)
+    try:
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:  # not an .npy file, or an object array that would need unpickling
+        raise ActivationCacheError(f"activation shard {path} is not a plain numeric .npy array ({e}); delete "
+                                   f"{directory} and rerun the stage that writes it") from None
     if list(a.shape) != entry["shape"]:
         raise ActivationCacheError(f"activation shard {path} has shape {list(a.shape)}, manifest says {entry['shape']}")
     return a
@@ -166,13 +187,25 @@ class ShardStream:
         seed: order seed; shard and row order are permutations drawn from (seed, epoch).
         start_step: first batch to yield (resume), counted from step 0 of epoch 0.
         shuffle: False streams rows in stored order (cache building, evaluation).
+        rank, world: data parallelism (shuffle only). The stream of a world of ``world`` ranks is the stream
+            of one process with batch ``batch_size * world``: global batch g holds the same rows in both,
+            and rank r gets its rows ``[r * batch_size, (r + 1) * batch_size)``. A rank reads (and
+            verifies) only the shards that hold some of its rows; with ``batch_size`` a multiple of the
+            shard size, ranks read disjoint shards.
+
+    Per-shard access (evaluation, data-parallel caching) goes through :meth:`shard_batches`.
 
     Yields:
         dict with ``x`` (LongTensor ids [B, T] or float h [B, T, C]), ``targets``, ``loss_mask``, ``rate``.
     """
 
     def __init__(self, views_dir: str, layer_dir: str | None, batch_size: int, *, seed: int = 0,
-                 start_step: int = 0, shuffle: bool = True, prefetch: bool = True):
+                 start_step: int = 0, shuffle: bool = True, prefetch: bool = True, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank ({rank}) must be in [0, world={world})")
+        if world > 1 and not shuffle:
+            raise ValueError("a data-parallel ShardStream (world > 1) must shuffle; use shard_batches() per rank")
+        self.rank, self.world = rank, world
         self.views_dir, self.layer_dir = views_dir, layer_dir
         self.views = read_manifest(views_dir, what="masked-view cache")
         self.layer = read_manifest(layer_dir) if layer_dir else None
@@ -184,12 +217,13 @@ class ShardStream:
         self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
         self.shuffle, self.prefetch = shuffle, prefetch
         self.rows = self.views["rows"]
-        if self.rows < batch_size and shuffle:
+        gb = batch_size * world
+        if self.rows < gb and shuffle:
             raise ActivationCacheError(
-                f"{views_dir} holds {self.rows} views, fewer than train.batch_size ({batch_size}); lower the batch "
-                f"size or use more data"
+                f"{views_dir} holds {self.rows} views, fewer than the global batch (train.batch_size {batch_size} * "
+                f"world size {world} = {gb}); lower the batch size or use more data"
             )
-        self.steps_per_epoch = max(1, self.rows // batch_size) if shuffle else -(-self.rows // batch_size)
+        self.steps_per_epoch = max(1, self.rows // gb) if shuffle else -(-self.rows // batch_size)
 
     def _order(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         n = len(self.views["shards"])
@@ -250,18 +284,22 @@ class ShardStream:
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of one epoch, skipping the first ``skip`` without reading their shards."""
         order = self._order(epoch)
-        B = self.batch_size
+        B, W = self.batch_size, self.world
         # global row positions of each shard in this epoch's sequence
         starts = np.cumsum([0] + [len(r) for _, r in order])
-        first_row = skip * B
-        plan = [k for k in range(len(order)) if starts[k + 1] > first_row]
+        first_row, end_row = skip * B * W, (self.steps_per_epoch * B * W if self.shuffle else starts[-1])
+        mine = []
+        for k in range(len(order)):
+            pos = np.arange(starts[k], starts[k + 1])
+            # global batch g = positions [g*B*W, (g+1)*B*W); this rank owns the r-th block of B in each
+            keep = (pos >= first_row) & (pos < end_row) & ((pos // B) % W == self.rank)
+            mine.append(order[k][1][keep])
+        plan = [k for k in range(len(order)) if len(mine[k])]
         pending: list[dict[str, torch.Tensor]] = []
         pending_rows = 0
         made = skip
         for k, arrays in zip(plan, self._shard_iter([order[k][0] for k in plan])):
-            rows = order[k][1]
-            lo = max(0, first_row - starts[k])
-            rows = rows[lo:]
+            rows = mine[k]
             while len(rows):
                 take = min(B - pending_rows, len(rows))
                 pending.append(self._rows_to_batch(arrays, rows[:take]))
@@ -275,6 +313,19 @@ class ShardStream:
                         return
         if pending and not self.shuffle:
             yield {key: torch.cat([p[key] for p in pending]) for key in pending[0]}
+
+    def shard_batches(self, indices: list[int], max_rows: int | None = None
+                      ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(shard index, batch)`` for the given shards in order, a shard split into batches of ``max_rows``."""
+        for i, arrays in zip(indices, self._shard_iter(list(indices))):
+            rows = np.arange(self.views["shards"][i]["rows"])
+            step = max_rows or len(rows)
+            for lo in range(0, len(rows), step):
+                yield i, self._rows_to_batch(arrays, rows[lo:lo + step])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.views["shards"])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Endless (shuffle) or single-pass (no shuffle) stream starting at ``start_step``."""

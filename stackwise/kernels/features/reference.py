@@ -156,13 +156,14 @@ def feature_attention_chunked(
     feature_map: str = "softmax",
     scale: float | None = None,
     eps: float = 1e-20,
-    chunk: int = 128,
+    chunk: int = 64,
 ) -> torch.Tensor:
     """Random-feature attention in O(T): same arguments and result as :func:`feature_attention_ref`.
 
     Bidirectional: one pass builds S = phi(K)^T [V, 1] [M', Dv + 1] (the ones column carries the normaliser
     z = sum_j phi(k_j), so numerator and denominator come from one matmul). Causal: per chunk of ``chunk``
-    positions, the state of all earlier chunks plus a masked intra-chunk term. Keys, values and states stay
+    positions, the state of all earlier chunks (an exclusive cumsum of per-chunk states) plus a masked
+    intra-chunk term, all chunks at once (extra memory O(B H T chunk)). Keys, values and states stay
     per kv head; the G = H / Hkv query heads of a group are stacked along the rows of each matmul.
     """
     dtype = q.dtype
@@ -183,17 +184,20 @@ def feature_attention_chunked(
         state = torch.matmul(pk.transpose(-1, -2), v1)  # [B, Hkv, M', Dv + 1]
         nd = torch.matmul(pq.reshape(B, Hkv, G * T, Mp), state).view(B, Hkv, G, T, Dv + 1)
     else:
-        state = pq.new_zeros(B, Hkv, Mp, Dv + 1)
-        keep = torch.ones(chunk, chunk, dtype=pq.dtype, device=pq.device).tril()
-        outs = []
-        for s in range(0, T, chunk):
-            e = min(s + chunk, T)
-            c = e - s
-            cq = pq[:, :, :, s:e].reshape(B, Hkv, G * c, Mp)  # the group's queries stacked along rows
-            ck, cv = pk[:, :, s:e], v1[:, :, s:e]
-            a = torch.matmul(cq, ck.transpose(-1, -2)) * keep[:c, :c].repeat(G, 1)  # [B, Hkv, G * c, c]
-            outs.append((torch.matmul(cq, state) + torch.matmul(a, cv)).view(B, Hkv, G, c, Dv + 1))
-            state = state + torch.matmul(ck.transpose(-1, -2), cv)
-        nd = torch.cat(outs, dim=3)
+        # chunked prefix sums, vectorised over chunks: per-chunk states, their exclusive cumsum, and the
+        # masked intra-chunk term; padded rows have zero features, so they add nothing
+        n_c = -(-T // chunk)
+        pad = n_c * chunk - T
+        pq, pk, v1 = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (pq, pk, v1))
+        cq = pq.view(B, Hkv, G, n_c, chunk, Mp).transpose(2, 3).reshape(B, Hkv, n_c, G * chunk, Mp)
+        ck = pk.view(B, Hkv, n_c, chunk, Mp)
+        cv = v1.view(B, Hkv, n_c, chunk, Dv + 1)
+        local = torch.matmul(ck.transpose(-1, -2), cv)  # [B, Hkv, n_c, M', Dv + 1]
+        prefix = torch.cat([torch.zeros_like(local[:, :, :1]), local[:, :, :-1].cumsum(2)], dim=2)
+        keep = torch.ones(chunk, chunk, dtype=pq.dtype, device=pq.device).tril().repeat(G, 1)
+        a = torch.matmul(cq, ck.transpose(-1, -2)) * keep  # [B, Hkv, n_c, G * chunk, chunk]
+        nd = torch.matmul(cq, prefix) + torch.matmul(a, cv)  # [B, Hkv, n_c, G * chunk, Dv + 1]
+        nd = nd.view(B, Hkv, n_c, G, chunk, Dv + 1).transpose(2, 3).reshape(B, Hkv, G, n_c * chunk, Dv + 1)
+        nd = nd[:, :, :, :T]
     out = nd[..., :Dv] / nd[..., Dv:].clamp_min(eps)  # [B, Hkv, G, T, Dv]
     return out.reshape(B, H, T, Dv).to(dtype)

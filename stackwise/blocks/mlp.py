@@ -42,7 +42,7 @@ class SwiGLU(nn.Module):
         for name in self.NAMES:
             w = getattr(self, name).weight
             if name in self.frozen and self.frozen_from_seed:
-                std = 1.0 / math.sqrt(w.shape[1])
+                std = 1.0 / math.sqrt(getattr(self, name).in_features)
                 seeded_normal_(w, std, self.init_seed, self.layer_idx, f"mlp.{name}.frozen")
             else:
                 # output projections scaled down with depth (GPT-2)
@@ -55,7 +55,7 @@ class SwiGLU(nn.Module):
             return
         for name in self.frozen:
             w = getattr(self, name).weight
-            seeded_normal_(w, 1.0 / math.sqrt(w.shape[1]), self.init_seed, self.layer_idx, f"mlp.{name}.frozen")
+            seeded_normal_(w, 1.0 / math.sqrt(getattr(self, name).in_features), self.init_seed, self.layer_idx, f"mlp.{name}.frozen")
 
     def seeded_names(self) -> list[str]:
         """Parameter names (relative to this module) that checkpoints store as a seed."""

@@ -4,6 +4,7 @@
     runs/NAME/config.yaml              resolved config (a rerun with another model shape is refused)
     runs/NAME/layer_K.safetensors      trained layer K        runs/NAME/stage_K.state.safetensors  resume state
     runs/NAME/acts/views_{train,val}/  masked views           runs/NAME/acts/layer_K/{train,val}/  layer outputs
+    runs/NAME/ds_stage_K/              DeepSpeed resume state runs/NAME/fsdp_stage_K/  FSDP2 resume state (DCP)
     runs/NAME/fused.safetensors        fused model            runs/NAME/finetuned_<mode>.safetensors
     runs/NAME/metrics.jsonl            one JSON line per log  runs/NAME/tokenizer.json  (text data only)
 """
@@ -34,6 +35,20 @@ class RunDir:
     def stage_state(self, k: int) -> str:
         return os.path.join(self.root, f"stage_{k}.state.safetensors")
 
+    def ds_state(self, k: int) -> str:
+        return os.path.join(self.root, f"ds_stage_{k}")
+
+    def fsdp_state(self, k: int) -> str:
+        return os.path.join(self.root, f"fsdp_stage_{k}")
+
+    def resume_state(self, k: int, backend: str) -> str:
+        """Where ``backend`` keeps stage k's resumable state (a file for single, a directory otherwise)."""
+        return {"single": self.stage_state, "deepspeed": self.ds_state, "fsdp": self.fsdp_state}[backend](k)
+
+    def has_stage_state(self, k: int) -> bool:
+        """Whether stage k was interrupted (any backend left resumable state behind)."""
+        return any(os.path.exists(self.resume_state(k, b)) for b in ("single", "deepspeed", "fsdp"))
+
     def views(self, split: str) -> str:
         return os.path.join(self.root, "acts", f"views_{split}")
 
@@ -51,8 +66,13 @@ class RunDir:
     def tokenizer(self) -> str:
         return os.path.join(self.root, "tokenizer.json")
 
-    def has_acts(self, k: int) -> bool:
-        return all(os.path.isfile(os.path.join(self.acts(k, s), "manifest.json")) for s in ("train", "val"))
+    def cache_splits(self) -> tuple[str, ...]:
+        """Splits a stage caches: both, or only val under engine.cache=recompute (train inputs are recomputed)."""
+        return ("val",) if self.cfg.engine.cache == "recompute" else ("train", "val")
+
+    def has_acts(self, k: int, splits: tuple[str, ...] | None = None) -> bool:
+        splits = splits or self.cache_splits()
+        return all(os.path.isfile(os.path.join(self.acts(k, s), "manifest.json")) for s in splits)
 
     def stage_layers(self, first: int) -> list[int]:
         K = self.cfg.train.layers_per_stage
@@ -160,8 +180,15 @@ def require_acts(run: RunDir, k: int) -> None:
             f"layer {k}'s checkpoint {ckpt} is missing, so layer {k + 1} has no inputs; train it first: "
             f"python launchers/train_layer.py --config {os.path.join(run.root, 'config.yaml')} --layer {k}"
         )
-    for split in ("train", "val"):
+    for split in run.cache_splits():
         read_manifest(run.acts(k, split), what=f"layer {k}'s activation cache")
+    if run.cfg.engine.cache == "recompute":
+        for j in range(k):
+            if not os.path.isfile(run.layer_ckpt(j)):
+                raise FileNotFoundError(
+                    f"engine.cache=recompute rebuilds layer {k + 1}'s inputs from layers 0..{k}, but {run.layer_ckpt(j)} "
+                    f"is missing; train layer {j} first or use engine.cache=disk"
+                )
 
 
 def next_stage(cfg: StackWiseConfig) -> int:
@@ -170,7 +197,7 @@ def next_stage(cfg: StackWiseConfig) -> int:
     K = cfg.train.layers_per_stage
     for first in range(0, cfg.model.n_layers, K):
         last = first + K - 1
-        if not os.path.isfile(run.layer_ckpt(last)) or not run.has_acts(last) or os.path.isfile(run.stage_state(first)):
+        if not os.path.isfile(run.layer_ckpt(last)) or not run.has_acts(last) or run.has_stage_state(first):
             return first
     raise ConfigError(
         f"every stage of {run.root} is already trained ({cfg.model.n_layers} layers); pass --layer K to retrain one "

@@ -1,20 +1,29 @@
 # SPDX-License-Identifier: MIT
-"""One layer-wise stage: train layer(s) k on the cached outputs of layer k-1, save, evaluate, cache outputs.
+"""One layer-wise stage on any backend: train layer(s) k on layer k-1's outputs, save, evaluate, cache outputs.
 
 Stage 0 trains the embeddings, layer 0 (or the first block of ``layers_per_stage`` layers) and the head on
 the masked views; stage k trains only its layers (and the head when ``train.stage_trains_head``) on
-``acts/layer_{k-1}``. Inputs of stage k never depend on weights trained later, so every stage is a plain
-supervised problem; frozen seeded SwiGLU projections never reach the optimizer.
+``acts/layer_{k-1}`` (or, with ``engine.cache=recompute``, on inputs recomputed by the frozen layers
+0..k-1). Frozen seeded SwiGLU projections never reach the optimizer.
 
-A stage is resumable: every ``train.checkpoint_interval`` steps the trainable weights, AdamW moments,
-RNG state and step go to ``stage_K.state.safetensors`` (atomically); with ``train.resume`` the stage
-continues from there and, because the batch order depends only on (seed, step), ends with the same
-weights as an uninterrupted run. When training is done the layer files are written, then the layer's
-outputs are cached; a rerun of a finished stage only (re)builds a missing cache.
+Backends (``stackwise.engine.distributed`` picks one): ``single`` runs the loop below on one process;
+``deepspeed`` (ZeRO-3) and ``fsdp`` (FSDP2) run it on every rank through :mod:`stackwise.engine.backends`.
+Each rank reads its slice of every global batch, and the global batch of a world of N ranks with
+``train.batch_size`` B holds the same rows as a single process with batch N*B; the loss is normalised
+by the global count of supervised tokens, so the trained layer matches that single-process run within
+fp32 round-off. After training the sharded stage is gathered into a plain model: rank 0 writes the same
+``layer_K.safetensors`` as the single backend, and evaluation and caching run data-parallel by shard.
+
+A stage is resumable: every ``train.checkpoint_interval`` steps the backend's state goes to
+``stage_K.state.safetensors`` (single), ``ds_stage_K/`` (DeepSpeed ``save_checkpoint``) or ``fsdp_stage_K/``
+(torch.distributed.checkpoint); with ``train.resume`` the stage continues from there and, because the
+batch order depends only on (seed, step), ends with the same weights as an uninterrupted run. A rerun
+of a finished stage only (re)builds a missing cache.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -24,12 +33,19 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import StackWiseConfig
-from ..data.activations import ShardStream, ShardWriter, read_manifest, to_storage, views_fingerprint
+from ..data.activations import ShardStream
 from ..model import StackWiseLM
-from ..objective import masked_accuracy, masked_loss
+from ..objective import masked_loss
 from . import checkpoint as ckpt
-from .log import MetricsWriter, format_step, init_logging, logger, progress_bar
-from .run import RunDir, ensure_views, init_run_dir, pick_device, require_acts
+from .backends import build_stage
+from .distributed import DistEnv, all_reduce_sum, barrier, distributed
+from .log import MetricsWriter, format_step, logger, progress_bar
+from .recompute import FrozenPrefix
+from .run import RunDir, ensure_views, init_run_dir, require_acts
+from .stage_io import cache_outputs, evaluate_stage, stage_forward
+
+__all__ = ["StageResult", "cache_outputs", "evaluate_stage", "lr_at", "make_optimizer", "train_all", "train_stage",
+           "trainable_params"]
 
 HEAD = ("norm.weight", "output.weight")
 
@@ -98,15 +114,6 @@ def _stage_model(cfg: StackWiseConfig, run: RunDir, layers: list[int], device) -
     return model.to(device)
 
 
-def _forward(model, batch, layers, device, cfg):
-    x = batch["x"].to(device)
-    h = model.embed(x) if layers[0] == 0 else x
-    h = model.run_layers(h, layers[0], layers[-1] + 1, "bidirectional")
-    logits = model.head(h)
-    weights = 1.0 / batch["rate"].to(device) if cfg.objective.loss_weighting == "inv_t" else None
-    return h, logits, weights
-
-
 def _save_layers(run: RunDir, model: StackWiseLM, layers: list[int], cfg: StackWiseConfig, step: int) -> None:
     state = ckpt.model_state(model)
     for k in layers:
@@ -161,67 +168,94 @@ def _load_state(path, params, opt) -> int:
     return int(meta["step"])
 
 
-@torch.no_grad()
-def evaluate_stage(model, run: RunDir, layers, device, cfg) -> tuple[float, float]:
-    """Masked-token loss and accuracy on the held-out views after this stage's layers."""
-    model.eval()
-    prev = run.acts(layers[0] - 1, "val") if layers[0] > 0 else None
-    stream = ShardStream(run.views("val"), prev, cfg.train.batch_size, shuffle=False)
-    tot_loss = tot_acc = n = 0.0
-    for batch in stream:
-        _, logits, _ = _forward(model, batch, layers, device, cfg)
-        lm = batch["loss_mask"].to(device)
-        k = float(lm.sum())
-        tot_loss += float(masked_loss(logits, batch["targets"].to(device), lm)) * k
-        tot_acc += float(masked_accuracy(logits, batch["targets"].to(device), lm)) * k
-        n += k
-    model.train()
-    return tot_loss / max(n, 1), tot_acc / max(n, 1)
-
-
-@torch.no_grad()
-def cache_outputs(model, run: RunDir, layers, device, cfg, rank: int = 0) -> None:
-    """Write the outputs of the stage's last layer for every train and val view (row-aligned shards)."""
-    model.eval()
-    k = layers[-1]
-    for split in ("train", "val"):
-        prev = run.acts(layers[0] - 1, split) if layers[0] > 0 else None
-        views = read_manifest(run.views(split))
-        writer = ShardWriter(run.acts(k, split), "layer")
-        stream = ShardStream(run.views(split), prev, cfg.engine.cache_shard_sequences, shuffle=False)
-        bar = progress_bar(views["rows"], f"cache layer {k} {split}", rank)
-        for batch in stream:  # batch size == shard rows, so batches map 1:1 onto shards
-            x = batch["x"].to(device)
-            h = model.embed(x) if layers[0] == 0 else x
-            h = model.run_layers(h, layers[0], k + 1, "bidirectional")
-            writer.add({"h": to_storage(h, cfg.engine.cache_dtype)})
-            if bar:
-                bar.update(x.shape[0])
-        if bar:
-            bar.close()
-        writer.close({"layer": k, "dtype": cfg.engine.cache_dtype, "d_model": cfg.model.d_model,
-                      "views": views_fingerprint(views)})
-    logger.info("cached layer %d outputs (%s) under %s", k, cfg.engine.cache_dtype, os.path.dirname(run.acts(k, "x")))
-    if cfg.engine.cache_keep == "last" and layers[0] > 0:
-        old = os.path.dirname(run.acts(layers[0] - 1, "train"))
-        shutil.rmtree(old, ignore_errors=True)
-        logger.info("removed %s (engine.cache_keep=last)", old)
-    model.train()
-
-
-def train_stage(cfg: StackWiseConfig, layer: int) -> StageResult:
-    """Train the stage that starts at ``layer`` (single process, CPU or one GPU). See the module docstring."""
-    init_logging(0)
-    cfg.check_world(1)
-    run = init_run_dir(cfg)
-    layers = run.stage_layers(layer)
-    device = pick_device(cfg)
-    if layer == 0:
+def _open_run(cfg: StackWiseConfig, env: DistEnv, layer: int) -> RunDir:
+    # rank 0 writes config.yaml and the views first; the others read them after a barrier
+    run = init_run_dir(cfg, env.rank) if env.is_main else None
+    if env.is_main and layer == 0:
         ensure_views(cfg, run)
-    else:
+    barrier()
+    return run or init_run_dir(cfg, env.rank)
+
+
+def _carry(cfg: StackWiseConfig, run: RunDir, layers: list[int]) -> dict[str, torch.Tensor]:
+    """Head (+ embeddings) that stage ``layers`` continues from: empty for stage 0."""
+    if layers[0] == 0:
+        return {}
+    prev, _ = ckpt.load_tensors(run.layer_ckpt(layers[0] - 1))
+    carry = {k: v for k, v in prev.items() if k in HEAD or k == "tok_embeddings.weight"}
+    if not cfg.model.tie_embeddings:
+        first, _ = ckpt.load_tensors(run.layer_ckpt(0))
+        carry["tok_embeddings.weight"] = first["tok_embeddings.weight"]
+    return carry
+
+
+def _full_model(cfg, run, layers, device, state: dict[str, torch.Tensor]) -> StackWiseLM:
+    """A plain stage model holding ``state`` (gathered from a sharded stage) on ``device``."""
+    model = StackWiseLM(cfg.model, layers=layers)
+    ckpt.load_into(model, state, "the gathered stage state", strict=False)
+    return model.to(device)
+
+
+def _release_host_memory() -> None:
+    # glibc keeps freed arenas; hand them back so per-stage RSS shows real growth only
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process (Linux /proc; 0 elsewhere), logged per stage to show no growth."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _remove_state(run: RunDir, layer: int, env: DistEnv) -> None:
+    barrier()
+    if env.is_main:
+        for b in ("single", "deepspeed", "fsdp"):
+            path = run.resume_state(layer, b)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.isfile(path):
+                os.remove(path)
+    barrier()
+
+
+def train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv | None = None) -> StageResult:
+    """Train the stage that starts at ``layer`` on any backend. See the module docstring.
+
+    Args:
+        cfg: the whole config; ``engine.backend`` (or the launcher) picks single, deepspeed or fsdp.
+        layer: first layer of the stage.
+        env: an initialised world (``train_all`` passes its own); None sets one up and tears it down.
+    """
+    if env is None:
+        with distributed(cfg) as env:
+            return _train_stage(cfg, layer, env)
+    return _train_stage(cfg, layer, env)
+
+
+def train_all(cfg: StackWiseConfig) -> list[StageResult]:
+    """Every stage in order, in one process group (distributed stages free their engine in between)."""
+    with distributed(cfg) as env:
+        return [_train_stage(cfg, k, env) for k in range(0, cfg.model.n_layers, cfg.train.layers_per_stage)]
+
+
+def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
+    run = _open_run(cfg, env, layer)
+    layers = run.stage_layers(layer)
+    device, single = env.device, env.backend == "single"
+    if layer > 0:
         require_acts(run, layer - 1)
-    metrics = MetricsWriter(run.root)
-    done = all(os.path.isfile(run.layer_ckpt(k)) for k in layers) and not os.path.isfile(run.stage_state(layer))
+    metrics = MetricsWriter(run.root, env.rank)
+    done = all(os.path.isfile(run.layer_ckpt(k)) for k in layers) and not run.has_stage_state(layer)
     if done:
         model = _stage_model(cfg, run, layers, device)
         for k in layers:
@@ -231,83 +265,118 @@ def train_stage(cfg: StackWiseConfig, layer: int) -> StageResult:
             logger.info("stage %d is already trained and cached in %s; nothing to do", layer, run.root)
         else:
             logger.info("stage %d is trained but its cache is missing: rebuilding it", layer)
-            cache_outputs(model, run, layers, device, cfg)
-        vl, va = evaluate_stage(model, run, layers, device, cfg)
+            cache_outputs(model, run, layers, device, cfg, env)
+        vl, va = evaluate_stage(model, run, layers, device, cfg, env)
         return StageResult(layer, 0, float("nan"), vl, va, 0.0, skipped=True)
 
     torch.manual_seed(cfg.train.seed + 1000 * layer)
-    model = _stage_model(cfg, run, layers, device)
-    params = trainable_params(model, layers, cfg)
-    opt = make_optimizer(params, cfg)
-    n_total, n_train = model.num_params(), sum(p.numel() for p in params.values())
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
-    start = 0
-    if cfg.train.resume and os.path.isfile(run.stage_state(layer)):
-        start = _load_state(run.stage_state(layer), params, opt)
-        logger.info("resumed stage %d from step %d (%s)", layer, start, run.stage_state(layer))
-    elif os.path.isfile(run.stage_state(layer)):
-        logger.info("found an interrupted stage %d (%s); starting over (pass --resume to continue it)", layer,
-                    run.stage_state(layer))
-    logger.info("stage %d: layers %s on %s | %s trainable of %s params | %s tokens/step | %d steps",
-                layer, layers, device, f"{n_train:,}", f"{n_total:,}", f"{tokens_per_step:,}", cfg.train.max_steps)
-    prev = run.acts(layer - 1, "train") if layer > 0 else None
-    stream = iter(ShardStream(run.views("train"), prev, cfg.train.batch_size, seed=cfg.train.seed,
-                              start_step=start * cfg.train.grad_accum))
-    bar = progress_bar(cfg.train.max_steps, f"stage {layer}")
+    t, state_path = cfg.train, run.resume_state(layer, env.backend)
+    recompute = cfg.engine.cache == "recompute" and layer > 0
+    prefix = FrozenPrefix(cfg, run, layer, device) if recompute else None
+    start, interrupted = 0, run.has_stage_state(layer)
+    if single:
+        model = _stage_model(cfg, run, layers, device)
+        params = trainable_params(model, layers, cfg)
+        opt = make_optimizer(params, cfg)
+        n_total, n_train = model.num_params(), sum(p.numel() for p in params.values())
+        if t.resume and os.path.isfile(state_path):
+            start = _load_state(state_path, params, opt)
+    else:
+        stage = build_stage(cfg, env, state_path, layer, layers, _carry(cfg, run, layers),
+                            lambda lm: trainable_params(lm, layers, cfg))
+        n_total = stage.shard_report()[1]
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for p in stage.params.values())
+        if t.resume and os.path.exists(state_path):
+            start = stage.load()
+    if start:
+        logger.info("resumed stage %d from step %d (%s)", layer, start, state_path)
+    elif interrupted:
+        logger.info("found an interrupted stage %d; starting over (pass --resume to continue it with the same "
+                    "engine.backend)", layer)
+    tokens_per_step = t.batch_size * t.grad_accum * env.world_size * cfg.data.seq_len
+    logger.info("stage %d: layers %s on %s | backend %s x %d | %s trainable of %s params | %s tokens/step | %d steps",
+                layer, layers, device, env.backend, env.world_size, f"{n_train:,}", f"{n_total:,}",
+                f"{tokens_per_step:,}", t.max_steps)
+    prev = run.acts(layer - 1, "train") if layer > 0 and not recompute else None
+    stream = iter(ShardStream(run.views("train"), prev, t.batch_size, seed=t.seed, start_step=start * t.grad_accum,
+                              rank=env.rank, world=env.world_size))
+    bar = progress_bar(t.max_steps, f"stage {layer}", env.rank)
     if bar:
         bar.update(start)
     history, t0, t_log, loss_acc = [], time.time(), time.time(), 0.0
-    model.train()
-    step = start
-    for step in range(start, cfg.train.max_steps):
+    if single:
+        model.train()
+    for step in range(start, t.max_steps):
         lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        if single:
+            for g in opt.param_groups:
+                g["lr"] = lr
+        else:
+            stage.set_lr(lr)
         step_loss = torch.zeros((), device=device)
-        for _ in range(cfg.train.grad_accum):
+        for _ in range(t.grad_accum):
             batch = next(stream)
-            _, logits, w = _forward(model, batch, layers, device, cfg)
-            loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device), w)
-            (loss / cfg.train.grad_accum).backward()
-            step_loss += loss.detach() / cfg.train.grad_accum
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            if prefix is not None:
+                batch = dict(batch, x=prefix(batch["x"]))
+            if single:
+                _, logits, w = stage_forward(model, batch, layers, device, cfg)
+                loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device), w)
+                (loss / t.grad_accum).backward()
+            else:
+                lm = batch["loss_mask"].to(device)
+                # global supervised tokens / world: the ranks' mean gradient is the global masked mean's
+                denom = (all_reduce_sum(lm.sum().float()) / env.world_size).clamp_min(1 / env.world_size)
+                w = 1.0 / batch["rate"].to(device) if cfg.objective.loss_weighting == "inv_t" else None
+                loss = stage(batch["x"].to(device), batch["targets"].to(device), lm, w, denom)
+                stage.backward(loss)
+            step_loss += loss.detach() / t.grad_accum
+        if single:
+            gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.grad_clip if t.grad_clip > 0 else math.inf)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            gnorm = stage.finish_step()
         if bar:
             bar.update(1)
-        last = step + 1 == cfg.train.max_steps
-        if (step + 1) % cfg.train.log_interval == 0 or last:
-            lv = float(step_loss)  # one sync per log interval
+        last = step + 1 == t.max_steps
+        if (step + 1) % t.log_interval == 0 or last:
+            lv = float(all_reduce_sum(step_loss) / (1 if single else env.world_size))  # one sync per log line
             if not math.isfinite(lv):
                 raise FloatingPointError(
                     f"stage {layer}: loss became {lv} at step {step + 1}; the last good resumable checkpoint is "
-                    f"{run.stage_state(layer)} (if present). Lower train.lr or check the data."
+                    f"{state_path} (if present). Lower train.lr or check the data."
                 )
-            dt = (time.time() - t_log) / cfg.train.log_interval
+            dt = (time.time() - t_log) / t.log_interval
             t_log = time.time()
             history.append((step + 1, lv))
-            line = format_step(step + 1, cfg.train.max_steps, layer, lv, lr, float(gnorm), dt * 1000,
+            line = format_step(step + 1, t.max_steps, layer, lv, lr, float(gnorm), dt * 1000,
                                tokens_per_step / max(dt, 1e-9))
             (bar.set_postfix_str(f"loss {lv:.4f}") if bar else logger.info(line))
             metrics.write(kind="train", stage=layer, step=step + 1, loss=lv, lr=lr, gnorm=float(gnorm))
             loss_acc = lv
-        if cfg.train.checkpoint_interval and (step + 1) % cfg.train.checkpoint_interval == 0 and not last:
-            _save_state(run.stage_state(layer), params, opt, step + 1, torch.get_rng_state())
+        if t.checkpoint_interval and (step + 1) % t.checkpoint_interval == 0 and not last:
+            if single:
+                _save_state(state_path, params, opt, step + 1, torch.get_rng_state())
+            else:
+                stage.save(step + 1)
     if bar:
         bar.close()
     seconds = time.time() - t0
-    _save_layers(run, model, layers, cfg, cfg.train.max_steps)
-    vl, va = evaluate_stage(model, run, layers, device, cfg)
-    logger.info("stage %d done in %.1f s | val masked loss %.4f | val acc %.3f", layer, seconds, vl, va)
+    if not single:
+        # every rank gets the whole stage; the sharded engine is freed before evaluation and caching
+        model = _full_model(cfg, run, layers, device, stage.full_state())
+        stage.close()
+        del stage
+    del prefix
+    _release_host_memory()
+    if env.is_main:
+        _save_layers(run, model, layers, cfg, t.max_steps)
+    barrier()
+    vl, va = evaluate_stage(model, run, layers, device, cfg, env)
+    logger.info("stage %d done in %.1f s | val masked loss %.4f | val acc %.3f | rss %.0f MiB", layer, seconds, vl, va,
+                _rss_mib())
     metrics.write(kind="stage", stage=layer, layers=layers, val_loss=vl, val_acc=va, train_loss=loss_acc,
-                  seconds=seconds, trainable_params=n_train)
-    cache_outputs(model, run, layers, device, cfg)
-    if os.path.isfile(run.stage_state(layer)):
-        os.remove(run.stage_state(layer))
-    return StageResult(layer, cfg.train.max_steps, loss_acc, vl, va, seconds, history=history)
-
-
-def train_all(cfg: StackWiseConfig) -> list[StageResult]:
-    """Every stage in order (single process)."""
-    return [train_stage(cfg, k) for k in range(0, cfg.model.n_layers, cfg.train.layers_per_stage)]
+                  seconds=seconds, trainable_params=n_train, backend=env.backend, world_size=env.world_size)
+    cache_outputs(model, run, layers, device, cfg, env)
+    _remove_state(run, layer, env)
+    return StageResult(layer, t.max_steps, loss_acc, vl, va, seconds, history=history)

@@ -141,7 +141,9 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, layer):
     save_config(cfg, cfg_path)
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(cfg_path), str(layer)], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), str(cfg_path), str(layer)], capture_output=True, text=True,
+                          env=env)
     assert proc.returncode == -9, proc.stderr[-2000:]
     run = RunDir(cfg)
     assert os.path.isfile(run.stage_state(layer)) and not os.path.isfile(run.layer_ckpt(layer))
@@ -191,7 +193,9 @@ def test_run_dir_refuses_other_model(tmp_path):
 
 
 def _launch(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd)
+    # the kernel tests set TRITON_INTERPRET=1 for this session; launched runs must not inherit the interpreter
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def test_launcher_errors_are_one_line(tmp_path):

@@ -1,0 +1,96 @@
+# SPDX-License-Identifier: MIT
+"""After a stage has trained: held-out evaluation and caching of the stage's outputs, data-parallel.
+
+Both run on a plain (unsharded) copy of the stage and split the work by shard: rank r takes the shards
+``r, r + world, ...``, so no rank reads the whole cache and no collective runs inside the loop (ranks
+may hold different numbers of shards). Evaluation sums (loss, accuracy, tokens) over ranks at the end;
+caching writes each rank's shards under their global index, and rank 0 writes the manifest after
+gathering every rank's shard entries. A world of one is the single-process case.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from ..config import StackWiseConfig
+from ..data.activations import ShardStream, ShardWriter, read_manifest, to_storage, views_fingerprint
+from ..objective import masked_accuracy, masked_loss
+from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier
+from .log import logger, progress_bar
+from .run import RunDir
+
+_ONE = DistEnv()
+
+
+def stage_forward(model, batch, layers, device, cfg):
+    """(h [B, T, C], logits [B, T, V], per-sequence loss weights [B] or None) of the stage on ``batch``."""
+    x = batch["x"].to(device)
+    h = model.embed(x) if layers[0] == 0 else x
+    h = model.run_layers(h, layers[0], layers[-1] + 1, "bidirectional")
+    logits = model.head(h)
+    weights = 1.0 / batch["rate"].to(device) if cfg.objective.loss_weighting == "inv_t" else None
+    return h, logits, weights
+
+
+@torch.no_grad()
+def evaluate_stage(model, run: RunDir, layers, device, cfg: StackWiseConfig, env: DistEnv = _ONE
+                   ) -> tuple[float, float]:
+    """Masked-token loss and accuracy on the held-out views after this stage's layers (all ranks agree)."""
+    model.eval()
+    prev = run.acts(layers[0] - 1, "val") if layers[0] > 0 else None
+    stream = ShardStream(run.views("val"), prev, cfg.train.batch_size, shuffle=False)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for _, batch in stream.shard_batches(list(range(env.rank, stream.n_shards, env.world_size)),
+                                         cfg.train.batch_size):
+        _, logits, _ = stage_forward(model, batch, layers, device, cfg)
+        lm = batch["loss_mask"].to(device)
+        k = float(lm.sum())
+        sums[0] += float(masked_loss(logits, batch["targets"].to(device), lm)) * k
+        sums[1] += float(masked_accuracy(logits, batch["targets"].to(device), lm)) * k
+        sums[2] += k
+    sums = all_reduce_sum(sums.to(device)).cpu()
+    model.train()
+    return float(sums[0] / max(sums[2], 1)), float(sums[1] / max(sums[2], 1))
+
+
+@torch.no_grad()
+def cache_outputs(model, run: RunDir, layers, device, cfg: StackWiseConfig, env: DistEnv = _ONE) -> None:
+    """Write the outputs of the stage's last layer for the cached splits (row-aligned shards, one per view shard)."""
+    model.eval()
+    k = layers[-1]
+    for split in run.cache_splits():
+        prev = run.acts(layers[0] - 1, split) if layers[0] > 0 else None
+        views = read_manifest(run.views(split))
+        if env.is_main:
+            writer = ShardWriter(run.acts(k, split), "layer")
+        barrier()
+        if not env.is_main:
+            writer = ShardWriter(run.acts(k, split), "layer", fresh=False)
+        stream = ShardStream(run.views(split), prev, cfg.engine.cache_shard_sequences, shuffle=False)
+        mine = list(range(env.rank, stream.n_shards, env.world_size))
+        bar = progress_bar(views["rows"], f"cache layer {k} {split}", env.rank)
+        for i, batch in stream.shard_batches(mine):
+            x = batch["x"].to(device)
+            h = model.embed(x) if layers[0] == 0 else x
+            h = model.run_layers(h, layers[0], k + 1, "bidirectional")
+            writer.add({"h": to_storage(h, cfg.engine.cache_dtype)}, index=i)
+            if bar:
+                bar.update(x.shape[0] * env.world_size)
+        if bar:
+            bar.close()
+        entries = [s for part in all_gather_object(writer.shards) for s in part]
+        if env.is_main:
+            writer.close({"layer": k, "dtype": cfg.engine.cache_dtype, "d_model": cfg.model.d_model,
+                          "views": views_fingerprint(views)}, shards=entries)
+        barrier()
+    logger.info("cached layer %d outputs (%s, %s) under %s", k, cfg.engine.cache_dtype, "+".join(run.cache_splits()),
+                os.path.dirname(run.acts(k, "val")))
+    if cfg.engine.cache_keep == "last" and layers[0] > 0 and env.is_main:
+        old = os.path.dirname(run.acts(layers[0] - 1, "val"))
+        shutil.rmtree(old, ignore_errors=True)
+        logger.info("removed %s (engine.cache_keep=last)", old)
+    barrier()
+    model.train()

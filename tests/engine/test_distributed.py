@@ -1,0 +1,201 @@
+# SPDX-License-Identifier: MIT
+"""Data-parallel stages on CPU (gloo, 2 processes) through both launchers, plus the pieces they rest on.
+
+The launches are few and small (tiny model, 8 steps) because each costs a few seconds of imports per rank
+on 2 cores. No DeepSpeed C++ op is built: the tests use torch AdamW (engine.optimizer=torch) and the shm
+all-reduce op is disabled on CPU (stackwise.engine.distributed), so a clean machine needs no JIT compile.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stackwise.config import ConfigError
+from stackwise.data.activations import ShardStream
+from stackwise.engine import checkpoint as ckpt
+from stackwise.engine.distributed import resolve_backend
+from stackwise.engine.ds_config import build_ds_config
+from stackwise.engine.run import RunDir
+from stackwise.engine.trainer import train_stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+# per-rank batch 8 x 2 ranks; the single-process reference uses batch 16 on the same views
+COMMON = ["--model.attention.backend=torch", "--data.dummy_sequences=64", "--train.log_interval=4",
+          "--max_steps", "8", "--train.checkpoint_interval=4", "--engine.cache_shard_sequences=16",
+          "--engine.optimizer=torch", "--train.eval_sequences=16"]
+# launched ranks never inherit the kernel tests' TRITON_INTERPRET=1 (it would route attention through the interpreter)
+ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1",
+       "STACKWISE_LOG_RANKS": "all", "PYTHONPATH": ROOT}
+
+KILL = """
+import os, runpy, sys
+from stackwise.engine import backends
+rank_to_kill = int(os.environ["KILL_RANK"])  # -1: every rank
+for cls in (backends.DeepSpeedStage, backends.FSDPStage):
+    def save(self, step, real=cls.save):
+        real(self, step)
+        if step == 4 and rank_to_kill in (-1, self.env.rank):
+            os._exit(3)
+    cls.save = save
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _cfg(out, *extra):
+    from stackwise.engine.cli import parse, parser
+
+    argv = ["--config", TINY, f"--train.out_dir={out}", *COMMON, *extra]
+    return parse(parser("t", layer=True), argv)[1]
+
+
+def _torchrun(script, out, *extra, port, env=None, timeout=240):
+    script = [script] if isinstance(script, str) else list(script)
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), *script,
+           "--config", TINY, f"--train.out_dir={out}", *COMMON, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=timeout)
+
+
+def _deepspeed(script, out, *extra, port):
+    cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port), script,
+           "--config", TINY, f"--train.out_dir={out}", *COMMON, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=240)
+
+
+def _layer(out, k=0):
+    return ckpt.load_tensors(os.path.join(out, f"layer_{k}.safetensors"))[0]
+
+
+def _assert_same(a, b, what, atol=2e-5):
+    assert a.keys() == b.keys(), f"{what}: tensors {sorted(a.keys() ^ b.keys())} differ"
+    for n in a:
+        err = (a[n] - b[n]).abs().max().item()
+        assert err <= atol, f"{what}: {n} differs by {err:.2e} (atol {atol})"
+
+
+def _ok(p, what):
+    assert p.returncode == 0, f"{what} failed ({p.returncode}):\n{p.stderr[-4000:]}"
+
+
+def test_ds_config_batch_identity_and_overrides(tmp_path, make_cfg):
+    cfg = make_cfg("train.batch_size=3", "train.grad_accum=2", "train.dtype=bfloat16", "engine.offload_optimizer=true")
+    ds = build_ds_config(cfg, 4)
+    assert ds["train_batch_size"] == 3 * 2 * 4 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and "optimizer" not in ds
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 123}}))
+    ds = build_ds_config(make_cfg(f"engine.deepspeed_config={user}"), 2)
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 123 and ds["zero_optimization"]["stage"] == 3
+    user.write_text(json.dumps({"train_batch_size": 999}))
+    with pytest.raises(ConfigError, match="train_batch_size \\(999\\) must equal"):
+        build_ds_config(make_cfg(f"engine.deepspeed_config={user}"), 2)
+    with pytest.raises(ConfigError, match="float16' needs a GPU"):
+        build_ds_config(make_cfg("train.dtype=float16"), 2)
+    assert build_ds_config(make_cfg("engine.optimizer=deepspeed"), 1)["optimizer"]["type"] == "AdamW"
+
+
+def test_backend_choice_and_world_checks(make_cfg, monkeypatch):
+    cfg = make_cfg()
+    assert resolve_backend(cfg, 1) == "single"
+    for var in ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "CROSS_RANK", "LOCAL_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match="engine.backend='single' runs one process, got WORLD_SIZE=2"):
+        resolve_backend(cfg, 2)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert resolve_backend(cfg, 2) == "fsdp"
+    assert resolve_backend(make_cfg("engine.backend=deepspeed"), 2) == "deepspeed"
+    with pytest.raises(ConfigError, match=r"global_batch_size \(12\) must equal .* world size \(2\) = 8"):
+        make_cfg("train.global_batch_size=12").check_world(2)
+
+
+def test_data_parallel_stream_is_the_single_stream_split(tmp_path):
+    cfg = _cfg(tmp_path / "run", "--layer", "0")
+    train_stage(cfg, 0)
+    run = RunDir(cfg)
+    one = iter(ShardStream(run.views("train"), run.acts(0, "train"), 8, seed=3, start_step=5))
+    ranks = [iter(ShardStream(run.views("train"), run.acts(0, "train"), 4, seed=3, start_step=5, rank=r, world=2))
+             for r in (0, 1)]
+    for _ in range(7):  # crosses an epoch boundary (64*2 views / 8 = 16 steps... and shard boundaries)
+        whole = next(one)
+        parts = [next(it) for it in ranks]
+        for key in whole:
+            assert torch.equal(whole[key], torch.cat([p[key] for p in parts])), key
+
+
+def test_stage_matches_single_process_on_both_backends_and_launchers(tmp_path):
+    ref = tmp_path / "ref"
+    train_stage(_cfg(ref, "--train.batch_size=16"), 0)
+    fsdp, ds = tmp_path / "fsdp", tmp_path / "ds"
+    p = _torchrun("launchers/train_layer.py", fsdp, "--layer", "0", "--engine.backend=fsdp", "--train.batch_size=8",
+                  port=29611)
+    _ok(p, "torchrun fsdp")
+    for r in (0, 1):
+        assert f"fsdp: rank {r} holds 28,768 of the stage's 57,536" in p.stderr, p.stderr[-3000:]
+    p = _deepspeed("launchers/train_layer.py", ds, "--layer", "0", "--engine.backend=deepspeed",
+                   "--train.batch_size=8", port=29612)
+    _ok(p, "deepspeed launcher")
+    for r in (0, 1):
+        assert f"deepspeed: rank {r} holds 28,768 of the stage's 57,536" in p.stderr, p.stderr[-3000:]
+    single = _layer(ref)
+    _assert_same(_layer(fsdp), single, "fsdp vs single")
+    _assert_same(_layer(ds), single, "deepspeed vs single")
+    _assert_same(_layer(ds), _layer(fsdp), "deepspeed vs fsdp")
+    assert RunDir(_cfg(ds)).has_acts(0) and not os.path.exists(os.path.join(ds, "ds_stage_0"))
+    # the cache written by two ranks equals the single-process cache
+    a = next(iter(ShardStream(RunDir(_cfg(ds)).views("train"), os.path.join(ds, "acts/layer_0/train"), 64,
+                              shuffle=False)))
+    b = next(iter(ShardStream(RunDir(_cfg(ref)).views("train"), os.path.join(ref, "acts/layer_0/train"), 64,
+                              shuffle=False)))
+    torch.testing.assert_close(a["x"], b["x"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_resume_after_all_ranks_die(tmp_path, backend):
+    script = tmp_path / "kill.py"
+    script.write_text(KILL)
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    args = ["--layer", "0", f"--engine.backend={backend}", "--train.batch_size=8"]
+    _ok(_torchrun("launchers/train_layer.py", ref, *args, port=29621), "uninterrupted")
+    p = _torchrun([str(script), "launchers/train_layer.py"], out, *args, port=29622, env={"KILL_RANK": "-1"}, timeout=240)
+    assert p.returncode != 0, p.stderr[-2000:]
+    state = os.path.join(out, ("ds" if backend == "deepspeed" else "fsdp") + "_stage_0")
+    assert os.path.isdir(state) and not os.path.exists(os.path.join(out, "layer_0.safetensors"))
+    p = _torchrun("launchers/train_layer.py", out, *args, "--resume", port=29623)
+    _ok(p, "resumed")
+    assert "resumed stage 0 from step 4" in p.stderr
+    _assert_same(_layer(out), _layer(ref), f"{backend} resumed vs uninterrupted", atol=1e-6)
+
+
+def test_a_dying_rank_stops_the_job_and_is_named(tmp_path):
+    script = tmp_path / "kill.py"
+    script.write_text(KILL)
+    p = _torchrun([str(script), "launchers/train_layer.py"], tmp_path / "run", "--layer", "0", "--engine.backend=fsdp", "--train.batch_size=8",
+                  "--engine.dist_timeout_s=30", port=29631, env={"KILL_RANK": "1"}, timeout=180)
+    assert p.returncode != 0
+    assert "rank      : 1" in p.stderr or "rank 1" in p.stderr, p.stderr[-3000:]
+
+
+def test_recompute_mode_matches_disk_cache(tmp_path):
+    disk, rec = tmp_path / "disk", tmp_path / "rec"
+    for k in (0, 1):
+        train_stage(_cfg(disk, "--max_steps", "4"), k)
+    cfg = _cfg(rec, "--max_steps", "4", "--engine.cache=recompute")
+    for k in (0, 1):
+        train_stage(cfg, k)
+    assert not os.path.exists(os.path.join(rec, "acts/layer_0/train")), "recompute mode caches only the val split"
+    _assert_same(_layer(rec, 1), _layer(disk, 1), "recompute vs disk", atol=1e-5)
+
+
+def test_train_layerwise_runs_each_stage_in_a_fresh_process(tmp_path):
+    """torchrun + deepspeed backend: every stage is a child process per rank; the run fuses on rank 0."""
+    out = tmp_path / "run"
+    p = _torchrun("launchers/train_layerwise.py", out, "--engine.backend=deepspeed", port=29650)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "stage 2/2 (layer 1) in a fresh process group on port 29652" in p.stderr
+    assert (out / "fused.safetensors").is_file() and (out / "layer_1.safetensors").is_file()

@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--io_mb", type=int, default=512, help="MB of shards written for the io case")
+    ap.add_argument("--seq_lens", type=int, nargs="*", default=None,
+                    help="also measure stage tok/s at these sequence lengths (throughput vs T plot)")
+    ap.add_argument("--plot_dir", default=os.path.join(ROOT, "benchmarks", "results"), help="where PNGs go")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args, overrides = ap.parse_known_args(argv)
     preset = SHAPE_70B if args.shape == "70b-layer" else (DEFAULT_OVERRIDES if args.config.endswith("tiny.yaml")
@@ -259,6 +262,28 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['measured'] / 2**30:.3f} GiB | planned {plan.total / 2**30:.3f} GiB ({100 * r['error']:+.1f}%)")
         print("JSON " + json.dumps(r))
         results[case] = r
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plots import planned_vs_measured, throughput_vs_T
+
+    tag = f"{args.shape}-{args.device}"
+    png = planned_vs_measured(results, os.path.join(args.plot_dir, f"planned_vs_measured-{tag}.png"))
+    if png:
+        print(f"plot: {png}")
+    sweep = []
+    for T in args.seq_lens or []:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "stage", "--config", args.config, "--device",
+               args.device, "--steps", str(steps), "--shape", "config", *overrides, f"--data.seq_len={T}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"error: stage worker at T={T} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        r = json.loads(line[0][7:])
+        sweep.append(r)
+        print(f"stage T={T}: {r['tokens_per_s']:.1f} tok/s")
+        print("JSON " + json.dumps({"case": "stage_T", "T": T, "tokens_per_s": r["tokens_per_s"]}))
+    png = throughput_vs_T(sweep, os.path.join(args.plot_dir, f"stage_throughput_vs_T-{tag}.png"))
+    if png:
+        print(f"plot: {png}")
     if "stage" in results and "e2e" in results:
         from stackwise.config import load_config
 

@@ -19,6 +19,9 @@ sys.path.insert(0, ROOT)
 from stackwise.config import load_config  # noqa: E402
 from stackwise.plan import GB, plan_end_to_end, plan_stage  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plots import memory_by_part  # noqa: E402
+
 GPU_BYTES = 80 * GB
 
 
@@ -49,6 +52,10 @@ def main() -> None:
           f"{stage.training_state / GB:.1f} GB: ratio {ratio:.1f}x; peak ratio {e2e.total / stage.total:.1f}x")
     print(f"with StackWise's frozen gate/up kept frozen end to end: {e2e_frozen.training_state / 1e12:.2f} TB, "
           f"ratio {ratio_frozen:.1f}x")
+    png = memory_by_part({"70B stage": stage, "70B end-to-end": e2e},
+                         os.path.join(ROOT, "benchmarks", "results", "plan_70b_memory.png"))
+    if png:
+        print(f"plot: {png}")
     print("JSON " + json.dumps({
         "stage": json.loads(stage.to_json()), "end_to_end": json.loads(e2e.to_json()),
         "end_to_end_frozen_mlp": json.loads(e2e_frozen.to_json()), "stage_fits_80GB": fits,

@@ -308,6 +308,10 @@ class TrainConfig:
     """Layers trained together per stage (1 = layer-wise; K > 1 = block-wise stages of K layers)."""
     stage_trains_head: bool = True
     """Stages after the first also train the head (final norm + output matrix, the tied embeddings)."""
+    stage_zero_init: bool = False
+    """Stages after the first start their layers' output projections (attention o_proj, MLP down) at zero (off)."""
+    stage_lr_decay: float = 1.0
+    """Peak lr of the i-th stage is lr * stage_lr_decay**i; 1.0 (off) gives every stage train.lr."""
     checkpoint_interval: int = 50
     """Steps between resumable stage checkpoints (weights + optimizer + RNG); 0 saves only at the end."""
     resume: bool = False
@@ -334,6 +338,7 @@ class TrainConfig:
         _in_range("train.beta1", self.beta1, 0.0, 1.0)
         _in_range("train.beta2", self.beta2, 0.0, 1.0)
         _in_range("train.grad_clip", self.grad_clip, 0.0)
+        _in_range("train.stage_lr_decay", self.stage_lr_decay, 0.0, lo_open=True)
         _one_of("train.dtype", self.dtype, DTYPES)
         if not self.out_dir:
             raise ConfigError("train.out_dir must be a directory path, got ''; e.g. runs/my_run")

@@ -365,7 +365,7 @@ def plan_cache(cfg: StackWiseConfig, *, dtype: str = "bfloat16", micro_batch: in
     batch of B*T*C in the cache dtype, the embeddings/head that
     ``StackWiseLM(cfg, layers=[k])`` also builds, and the forward working set (SwiGLU 3*F*s and q, k, v, o 4*C*s per
     token, plus f*H*T per token when attention takes the T x T math path); on CPU the peak may instead be
-    the model build (2 fp32 temporaries of the largest weight), which happens before any forward."""
+    the model build (1 fp32 temporary of the largest weight), which happens before any forward."""
     m = cfg.model
     B = cfg.train.batch_size if micro_batch is None else micro_batch
     T = cfg.data.seq_len if seq_len is None else seq_len
@@ -381,8 +381,8 @@ def plan_cache(cfg: StackWiseConfig, *, dtype: str = "bfloat16", micro_batch: in
         work += B * T * m.n_heads * T * 4
     emb = model.tok_embeddings.weight.numel() * (1 if m.tie_embeddings else 2) + m.d_model
     io = 2 * B * T * m.d_model * DTYPE_BYTES[cache_dtype]
-    # seeded init on the host draws each weight in fp32 then scales it: 2 temporaries of the largest weight
-    build = 2 * max(p.numel() for p in model.parameters()) * 4 if device == "cpu" else 0
+    # seeded init on the host draws each weight in fp32 and scales it in place: 1 temporary of the largest weight
+    build = max(p.numel() for p in model.parameters()) * 4 if device == "cpu" else 0
     parts = {"layer_params": (lt + lf) * s + buffers, "embeddings_head": emb * s, "io_buffers": io,
              "forward_working_set": work, "host_build_transient": build}
     att_fwd, _ = _attn_flops(cfg, T, m.attention.attention_mode == "causal")

@@ -80,23 +80,32 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
 class ShardWriter:
     """Writes one shard set (a directory of row-aligned .npy arrays and a manifest).
 
-    Use ``add(arrays)`` per shard, then ``close(meta)``; until the manifest exists the directory is
-    incomplete and readers refuse it. Re-creating a writer on an existing directory removes it first.
+    Use ``add(arrays)`` per shard, then ``close(meta)``. Shards go to a staging sibling
+    ``<directory>.partial`` and ``close`` swaps it in (old set renamed to ``<directory>.old``, new set renamed
+    in, old set deleted), so a rebuild that fails (disk full, crash) leaves the previous complete set in place
+    and readers never see a half-written one; :func:`read_manifest` finishes a swap a crash interrupted.
 
-    Data-parallel writing: one rank creates the directory (``fresh=True``), the others open it with
+    Data-parallel writing: one rank creates the staging directory (``fresh=True``), the others open it with
     ``fresh=False`` after a barrier; each adds its shards with their global ``index``; one rank calls
     ``close(meta, shards=...)`` with every rank's :attr:`shards` merged (see :func:`merge_shard_entries`).
     """
 
     def __init__(self, directory: str, kind: str, *, fresh: bool = True):
         self.directory, self.kind = directory, kind
+        self.path = staging_dir(directory)
         if fresh:
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.makedirs(directory)
-        elif not os.path.isdir(directory):
-            raise ActivationCacheError(f"{directory} does not exist; the writing rank must create it first")
+            _recover(directory)
+            # a staging directory left by a crashed or failed build is garbage: start it again
+            if os.path.exists(self.path):
+                shutil.rmtree(self.path)
+            os.makedirs(self.path)
+        elif not os.path.isdir(self.path):
+            raise ActivationCacheError(f"{self.path} does not exist; the writing rank must create it first")
         self.shards: list[dict] = []
+
+    def abort(self) -> None:
+        """Delete the staging directory (the previous complete set, if any, is untouched)."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def add(self, arrays: dict[str, np.ndarray], index: int | None = None) -> None:
         rows = {a.shape[0] for a in arrays.values()}
@@ -109,19 +118,66 @@ class ShardWriter:
             buf = io.BytesIO()
             np.save(buf, a, allow_pickle=False)
             data = buf.getvalue()
-            _atomic_write_bytes(os.path.join(self.directory, fname), data)
+            try:
+                _atomic_write_bytes(os.path.join(self.path, fname), data)
+            except ActivationCacheError:
+                # free what the failed build used; the previous set at self.directory stays readable
+                self.abort()
+                raise
             files[name] = {"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "shape": list(a.shape),
                            "dtype": str(a.dtype)}
         self.shards.append({"rows": rows.pop(), "files": files, "index": idx})
 
     def close(self, meta: dict, shards: list[dict] | None = None) -> dict:
-        """Write the manifest (last, atomically); ``shards`` defaults to this writer's own."""
+        """Write the manifest (last, atomically), then swap the staging directory in; ``shards`` defaults to
+        this writer's own."""
         entries = merge_shard_entries([self.shards if shards is None else shards])
         manifest = {"format": FORMAT, "kind": self.kind, "rows": sum(s["rows"] for s in entries),
                     "shards": entries, **meta}
-        _fsync_dir(self.directory)
-        _atomic_write_bytes(os.path.join(self.directory, MANIFEST), json.dumps(manifest, indent=1).encode())
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        try:
+            _fsync_dir(self.path)
+            _atomic_write_bytes(os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=1).encode())
+        except (ActivationCacheError, OSError):
+            self.abort()
+            raise
+        old = retired_dir(self.directory)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        if os.path.exists(self.directory):
+            os.rename(self.directory, old)
+        os.rename(self.path, self.directory)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.directory)))
+        shutil.rmtree(old, ignore_errors=True)
         return manifest
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of a manifest's content without its own digest field (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def staging_dir(directory: str) -> str:
+    """Where a :class:`ShardWriter` builds ``directory`` before swapping it in."""
+    return directory.rstrip(os.sep) + ".partial"
+
+
+def retired_dir(directory: str) -> str:
+    """Where the previous set of ``directory`` sits for the instant of the swap."""
+    return directory.rstrip(os.sep) + ".old"
+
+
+def _recover(directory: str) -> None:
+    """Finish a swap that a crash interrupted: a complete staging set whose target is missing is moved in."""
+    new, old = staging_dir(directory), retired_dir(directory)
+    if not os.path.exists(directory) and os.path.isfile(os.path.join(new, MANIFEST)):
+        try:
+            os.rename(new, directory)
+        except OSError:  # another rank finished it first
+            pass
+    if os.path.exists(directory) and os.path.exists(old):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def merge_shard_entries(per_rank: list[list[dict]]) -> list[dict]:
@@ -135,6 +191,8 @@ def merge_shard_entries(per_rank: list[list[dict]]) -> list[dict]:
 def read_manifest(directory: str, *, what: str = "activation cache") -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
+        _recover(directory)
+    if not os.path.isfile(path):
         raise ActivationCacheError(
             f"{what} {directory} is missing or incomplete (no {MANIFEST}); it was never finished or was deleted: "
             f"rerun the stage that writes it"
@@ -142,10 +200,16 @@ def read_manifest(directory: str, *, what: str = "activation cache") -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             m = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # UnicodeDecodeError from a flipped byte is a ValueError too
         raise ActivationCacheError(f"{path} is unreadable ({e}); delete {directory} and rerun the stage") from None
-    if m.get("format") != FORMAT:
-        raise ActivationCacheError(f"{path} has format {m.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        fmt = m.get("format") if isinstance(m, dict) else None
+        raise ActivationCacheError(f"{path} has format {fmt!r}, expected {FORMAT!r}; delete {directory} and rerun "
+                                   f"the stage that writes it")
+    # a damaged manifest could still parse (a changed row count or shape): it carries its own checksum
+    if m.get("manifest_sha256") != _manifest_digest(m):
+        raise ActivationCacheError(f"{path} failed its checksum (corrupt or modified); delete {directory} and rerun "
+                                   f"the stage that writes it")
     return m
 
 
@@ -236,6 +300,13 @@ class ShardStream:
         arrays = load_shard(self.views_dir, self.views, i)
         if self.layer is not None:
             arrays["h"] = load_shard(self.layer_dir, self.layer, i)["h"]
+            # a diverged layer (or an edited file with a matching manifest) must not train the next one
+            if not torch.isfinite(from_storage(arrays["h"], self.layer["dtype"])).all():
+                path = os.path.join(self.layer_dir, self.layer["shards"][i]["files"]["h"]["file"])
+                raise ActivationCacheError(
+                    f"activation shard {path} holds NaN/inf values: the layer that wrote it diverged or the file was "
+                    f"altered; delete {self.layer_dir} and retrain that stage (lower train.lr if it diverges again)"
+                )
         return arrays
 
     def _shard_iter(self, plan: list[int]) -> Iterator[dict[str, np.ndarray]]:

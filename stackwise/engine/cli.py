@@ -24,7 +24,8 @@ ALIASES = {
     "max_steps": "train.max_steps",
 }
 FLAGS = {"dummy": "data.dummy", "resume": "train.resume"}
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, NotImplementedError)
+# FloatingPointError: a diverged stage (the message names the step and the checkpoint to resume from)
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, NotImplementedError, FloatingPointError)
 
 
 def parser(description: str, *, layer: bool = False) -> argparse.ArgumentParser:

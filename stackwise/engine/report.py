@@ -13,8 +13,25 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    out, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            # a damaged line may still parse (to a number, a list): keep only records
+            if isinstance(rec, dict):
+                out.append(rec)
+            else:
+                bad += 1
+    if bad:
+        # a crash mid-append or a damaged file: the report skips those lines, training never reads them
+        logger.warning("%s: skipped %d unreadable line(s)", path, bad)
+    return out
 
 
 def stage_table(run_dir: str) -> str:

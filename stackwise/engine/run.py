@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import torch
@@ -107,12 +108,18 @@ def init_run_dir(cfg: StackWiseConfig, rank: int = 0) -> RunDir:
     run = RunDir(cfg)
     path = os.path.join(run.root, "config.yaml")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = yaml.safe_load(f) or {}
         try:
-            old_cfg = config_from_dict(old)
-        except ConfigError:
+            with open(path, encoding="utf-8") as f:
+                old = yaml.safe_load(f)
+            old_cfg = config_from_dict(old) if isinstance(old, dict) else None
+        except (OSError, ValueError, yaml.YAMLError):  # ConfigError and UnicodeDecodeError are ValueErrors
             old_cfg = None
+        if old_cfg is None:
+            # config.yaml only guards the directory (every checkpoint embeds its own config): refuse to guess
+            raise ConfigError(
+                f"run config {path} is damaged or not a StackWise config, so this run directory cannot be checked "
+                f"against your config; restore it, or delete it (it is rewritten from --config on the next run)"
+            )
         new = cfg.to_dict()
         for section in _LOCKED:
             if old_cfg is not None and old_cfg.to_dict()[section] != new[section]:
@@ -124,8 +131,33 @@ def init_run_dir(cfg: StackWiseConfig, rank: int = 0) -> RunDir:
                 )
     if rank == 0:
         os.makedirs(run.root, exist_ok=True)
+        _remove_stale_temps(run.root)
         save_config(cfg, path)
     return run
+
+
+def _remove_stale_temps(root: str) -> None:
+    """Delete temp files (``NAME.tmp-PID`` / ``NAME.tmp.PID``) left in ``root`` by processes that died mid-write.
+
+    Readers never open them (every file is renamed into place when complete); this only frees their space.
+    A temp file of a live process on this host is left alone.
+    """
+    for name in os.listdir(root):
+        m = re.fullmatch(r".+\.tmp[-.](\d+)", name)
+        if not m or not os.path.isfile(os.path.join(root, name)):
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            os.remove(os.path.join(root, name))
+            logger.info("removed %s, left by an interrupted write", os.path.join(root, name))
+        except OSError:
+            pass
 
 
 def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:

@@ -39,7 +39,19 @@ def sample_text(cfg: StackWiseConfig, prompt: str, *, mode: str = "clm", max_new
     device = pick_device(cfg)
     model, mcfg = ckpt.load_model(path, device=device)
     tok_path = RunDir(cfg).tokenizer
-    tok = load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    if not os.path.isfile(tok_path) and not mcfg.data.dummy:
+        from ..data.text import DataError
+
+        # without it the prompt would silently be read as token ids
+        raise DataError(f"tokenizer {tok_path} is missing but {path} was trained on text; copy tokenizer.json from "
+                        f"the run's data directory (data.data_dir) back into {RunDir(cfg).root}, or retrain")
+    # a damaged tokenizer that still parses must at least fit the model it feeds
+    tok = load_tokenizer(tok_path, vocab_size=mcfg.model.vocab_size) if os.path.isfile(tok_path) else None
+    if tok is not None and tok.mask_id != mcfg.model.mask_id:
+        from ..data.text import DataError
+
+        raise DataError(f"tokenizer {tok_path} has mask id {tok.mask_id} but {path} was trained with "
+                        f"{mcfg.model.mask_id}; it was modified or belongs to another run: restore it")
     if tok is None:
         # dummy-data runs have no tokenizer: the prompt is a space-separated list of token ids
         ids = [int(t) for t in prompt.split()] if prompt.strip() else []

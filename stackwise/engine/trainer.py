@@ -111,6 +111,12 @@ def _stage_model(cfg: StackWiseConfig, run: RunDir, layers: list[int], device) -
         if not cfg.model.tie_embeddings:
             carry["tok_embeddings.weight"] = first["tok_embeddings.weight"]
         ckpt.load_into(model, carry, run.layer_ckpt(layers[0] - 1), strict=False)
+        if cfg.train.stage_zero_init:
+            # the new layers start as the identity (residual branches off): the stage begins at the last one's loss
+            with torch.no_grad():
+                for k in layers:
+                    model.layers[k].attn.o_proj.weight.zero_()
+                    model.layers[k].mlp.down.weight.zero_()
     return model.to(device)
 
 
@@ -282,6 +288,9 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
         if t.resume and os.path.isfile(state_path):
             start = _load_state(state_path, params, opt)
     else:
+        if t.stage_zero_init:
+            raise NotImplementedError(f"train.stage_zero_init runs on engine.backend=single only, got {env.backend!r}; "
+                                      f"set --train.stage_zero_init=false or --engine.backend=single")
         stage = build_stage(cfg, env, state_path, layer, layers, _carry(cfg, run, layers),
                             lambda lm: trainable_params(lm, layers, cfg))
         n_total = stage.shard_report()[1]
@@ -306,8 +315,10 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     history, t0, t_log, loss_acc = [], time.time(), time.time(), 0.0
     if single:
         model.train()
+    last_good = start
     for step in range(start, t.max_steps):
-        lr = lr_at(step, cfg)
+        # train.stage_lr_decay: the i-th stage peaks at lr * decay**i
+        lr = lr_at(step, cfg, base=t.lr * t.stage_lr_decay ** (layer // t.layers_per_stage))
         if single:
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -339,13 +350,20 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
         if bar:
             bar.update(1)
         last = step + 1 == t.max_steps
-        if (step + 1) % t.log_interval == 0 or last:
+        save_now = bool(t.checkpoint_interval) and (step + 1) % t.checkpoint_interval == 0 and not last
+        log_now = (step + 1) % t.log_interval == 0 or last
+        if save_now or log_now:
             lv = float(all_reduce_sum(step_loss) / (1 if single else env.world_size))  # one sync per log line
-            if not math.isfinite(lv):
-                raise FloatingPointError(
-                    f"stage {layer}: loss became {lv} at step {step + 1}; the last good resumable checkpoint is "
-                    f"{state_path} (if present). Lower train.lr or check the data."
-                )
+            # checked before every resumable save too, so a diverged state never replaces the last good one
+            # (single only for gnorm: DeepSpeed may report no norm, and the loss catches it a step later)
+            if not math.isfinite(lv) or (single and not math.isfinite(float(gnorm))):
+                what = f"loss became {lv}" if not math.isfinite(lv) else f"gradient norm became {float(gnorm)}"
+                good = (f"the last good resumable checkpoint is {state_path} (step {last_good}); fix the cause and "
+                        f"rerun with --resume to continue from it" if last_good else
+                        "no resumable checkpoint was written yet; fix the cause and rerun the stage")
+                raise FloatingPointError(f"stage {layer}: {what} at step {step + 1} (lower train.lr or check the "
+                                         f"data); {good}")
+        if log_now:
             dt = (time.time() - t_log) / t.log_interval
             t_log = time.time()
             history.append((step + 1, lv))
@@ -354,11 +372,12 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
             (bar.set_postfix_str(f"loss {lv:.4f}") if bar else logger.info(line))
             metrics.write(kind="train", stage=layer, step=step + 1, loss=lv, lr=lr, gnorm=float(gnorm))
             loss_acc = lv
-        if t.checkpoint_interval and (step + 1) % t.checkpoint_interval == 0 and not last:
+        if save_now:
             if single:
                 _save_state(state_path, params, opt, step + 1, torch.get_rng_state())
             else:
                 stage.save(step + 1)
+            last_good = step + 1
     if bar:
         bar.close()
     seconds = time.time() - t0

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: MIT
 """Fuzzed configs and launcher arguments: every failure is a ConfigError (or argparse's exit 2) naming a field."""
 
+import json
+import os
 import string
 
 import pytest
@@ -93,3 +95,95 @@ def test_every_field_rejects_a_wrong_type():
             config_from_dict({}, [f"--{name}={yaml.safe_dump(bad).strip()}" if not isinstance(bad, str)
                                   else f"--{name}={bad}"])
         assert name in str(e.value), (name, str(e.value))
+
+
+def _stage_cfg(tmp_path, *overrides):
+    base = {"model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64,
+                      "max_seq_len": 64, "attention": {"backend": "torch"}},
+            "data": {"dummy": True, "dummy_sequences": 32, "seq_len": 16}, "objective": {"mask_draws": 1},
+            "train": {"batch_size": 8, "max_steps": 8, "log_interval": 4, "checkpoint_interval": 3,
+                      "eval_sequences": 8, "out_dir": str(tmp_path / "run")},
+            "engine": {"cache_shard_sequences": 16}}
+    return config_from_dict(base, list(overrides))
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import math
+
+    import torch
+
+    from stackwise.engine import checkpoint as ckpt
+    from stackwise.engine import trainer
+    from stackwise.engine.run import RunDir
+
+    real, calls = trainer.masked_loss, [0]
+
+    def loss_turns_nan(*a, **kw):
+        calls[0] += 1
+        out = real(*a, **kw)
+        return out * float("nan") if calls[0] >= 5 else out
+
+    monkeypatch.setattr(trainer, "masked_loss", loss_turns_nan)
+    cfg = _stage_cfg(tmp_path)
+    # checkpoints at steps 3 and 6, log lines at 4 and 8: step 5 diverges, and the step-6 save must not happen
+    with pytest.raises(FloatingPointError, match=r"stage 0: loss became nan at step 6 .*stage_0\.state\.safetensors "
+                                                 r"\(step 3\).*--resume"):
+        trainer.train_stage(cfg, 0)
+    tensors, meta = ckpt.load_tensors(RunDir(cfg).stage_state(0))
+    assert meta["step"] == "3" and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert not os.path.exists(RunDir(cfg).layer_ckpt(0)), "a diverged stage must not write its layer"
+    monkeypatch.setattr(trainer, "masked_loss", real)
+    r = trainer.train_stage(_stage_cfg(tmp_path, "train.resume=true"), 0)  # fixed: resumes from step 3
+    assert math.isfinite(r.train_loss)
+
+
+def test_nan_in_cached_activations_is_refused(tmp_path):
+    import hashlib
+    import io
+
+    import numpy as np
+
+    from stackwise.data.activations import ActivationCacheError, _manifest_digest
+    from stackwise.engine.run import RunDir
+    from stackwise.engine.trainer import train_stage
+
+    cfg = _stage_cfg(tmp_path)
+    train_stage(cfg, 0)
+    d = RunDir(cfg).acts(0, "train")
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    entry = m["shards"][1]["files"]["h"]
+    a = np.load(os.path.join(d, entry["file"]))
+    a[0, 3, 5] = np.nan
+    buf = io.BytesIO()
+    np.save(buf, a)
+    open(os.path.join(d, entry["file"]), "wb").write(buf.getvalue())
+    # a consistent manifest: only the NaN check can catch it
+    entry["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    m["manifest_sha256"] = _manifest_digest(m)
+    json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
+    with pytest.raises(ActivationCacheError, match=r"shard_00001\.h\.npy holds NaN/inf.*retrain that stage"):
+        train_stage(cfg, 1)
+
+
+def test_bad_token_data(tmp_path):
+    import numpy as np
+
+    from stackwise.data.datasets import TokenSequences, build_datasets
+    from stackwise.data.text import DataError
+
+    raw = tmp_path / "ids.bin"
+    np.array([1, 2, 3, 70, 4] * 10, dtype=np.uint16).tofile(raw)
+    with pytest.raises(DataError, match=r"ids\.bin holds id 70, but ids must be < vocab_size 64"):
+        TokenSequences(raw, 4, vocab_size=64, dtype="uint16")
+    with pytest.raises(DataError, match=r"data.seq_len \(64\) is longer than .*ids\.bin, which holds 50 tokens"):
+        TokenSequences(raw, 64, vocab_size=128, dtype="uint16")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no text"):
+        build_datasets(_stage_cfg(tmp_path, "data.dummy=false", f"data.text_files=[{empty}]", "model.vocab_size=300",
+                                  f"data.data_dir={tmp_path / 'd1'}"))
+    short = tmp_path / "short.txt"
+    short.write_text("a tiny text. " * 20)
+    with pytest.raises(DataError, match=r"data.seq_len|fewer than one sequence"):
+        build_datasets(_stage_cfg(tmp_path, "data.dummy=false", f"data.text_files=[{short}]", "model.vocab_size=300",
+                                  "data.seq_len=512", "model.max_seq_len=512", f"data.data_dir={tmp_path / 'd2'}"))

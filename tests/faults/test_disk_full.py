@@ -45,3 +45,75 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk):
     tensors, meta = ckpt.load_tensors(path)
     assert torch.equal(tensors["w"], good["w"]) and meta["step"] == "1"
     assert [f for f in os.listdir(small_disk) if ".tmp-" in f] == [], "a temp file was left behind"
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 2 MiB tmpfs (root only): the cache and checkpoint tests need the whole write path, Rust included."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (the ENOSPC-injection test above covers checkpoints without it)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _fill(mnt, leave: int) -> None:
+    """Fill the filesystem until ``leave`` bytes are free."""
+    st = os.statvfs(mnt)
+    free = st.f_bavail * st.f_frsize
+    with open(mnt / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_cache_rebuild_on_a_full_disk_keeps_the_previous_cache(tiny_fs):
+    import numpy as np
+
+    from stackwise.data.activations import ActivationCacheError, ShardWriter, load_shard, read_manifest
+
+    d = str(tiny_fs / "acts" / "layer_0" / "train")
+    w = ShardWriter(d, "layer")
+    for i in range(2):
+        w.add({"h": np.full((4, 8), i, np.float32)})
+    good = w.close({"dtype": "float32"})
+    _fill(tiny_fs, 64 * 1024)
+    w = ShardWriter(d, "layer")  # a rebuild that cannot fit
+    with pytest.raises(ActivationCacheError, match=r"could not write .*shard_\d+\.h\.npy.*No space left.*free disk"):
+        for i in range(4):
+            w.add({"h": np.ones((64, 256), np.float32)})
+    assert read_manifest(d) == good, "the previous complete cache must stay in place"
+    # every shard still reads through the verifying reader
+    assert all(load_shard(d, good, i)["h"].shape == (4, 8) for i in range(2))
+    assert not os.path.exists(d + ".partial"), "the failed build's staging directory must be freed"
+
+
+def test_stage_on_a_full_disk_says_so_and_keeps_the_checkpoint(tiny_fs, capsys):
+    from stackwise.config import config_from_dict
+    from stackwise.data.activations import read_manifest
+    from stackwise.engine import cli
+    from stackwise.engine.run import RunDir
+    from stackwise.engine.trainer import train_stage
+
+    base = {"model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64,
+                      "max_seq_len": 64, "attention": {"backend": "torch"}},
+            "data": {"dummy": True, "dummy_sequences": 32, "seq_len": 16}, "objective": {"mask_draws": 1},
+            "train": {"batch_size": 8, "max_steps": 4, "log_interval": 2, "checkpoint_interval": 2,
+                      "eval_sequences": 8, "out_dir": str(tiny_fs / "run")},
+            "engine": {"cache_shard_sequences": 16}}
+    cfg = config_from_dict(base)
+    train_stage(cfg, 0)
+    run = RunDir(cfg)
+    before = ckpt.load_tensors(run.layer_ckpt(0))[0]
+    manifest = read_manifest(run.acts(0, "train"))
+    _fill(tiny_fs, 8 * 1024)
+    with pytest.raises(SystemExit) as e:
+        cli.main_guard(lambda: train_stage(cfg, 1))()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "No space left" in err and "free disk space" in err, err
+    # the previous stage's checkpoint and cache are intact and still verify
+    after = ckpt.load_tensors(run.layer_ckpt(0))[0]
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert read_manifest(run.acts(0, "train")) == manifest
+    os.remove(tiny_fs / "filler")
+    train_stage(config_from_dict(base, ["train.resume=true"]), 1)  # space freed: the stage completes
+    assert run.has_acts(1)

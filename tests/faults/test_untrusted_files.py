@@ -40,6 +40,7 @@ def test_pickled_npy_shard_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     w = ShardWriter(str(tmp_path / "acts"), "layer")
     w.add({"h": np.zeros((2, 3), np.float32)})
+    w.close({})
     entry = w.shards[0]["files"]["h"]
     path = tmp_path / "acts" / entry["file"]
     obj = np.array([_Exploit(str(marker))], dtype=object)

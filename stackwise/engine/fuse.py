@@ -58,8 +58,10 @@ def fuse(cfg: StackWiseConfig, *, check: bool = True) -> str:
         state.pop("output.weight")
     ckpt.load_into(model, state, run.fused)
     if check:
-        err = check_fused(model, run, cfg)
-        logger.info("fusion check: max |fused - staged| on held-out views = %.2e (cache %s)", err, cfg.engine.cache_dtype)
+        err, scale = check_fused(model, run, cfg)
+        logger.info("fusion check: max |fused - staged| on held-out views = %.2e, %.1e of max |h| = %.1f (cache %s: "
+                    "exact in float32; rounding of the cached inputs accumulates otherwise)", err, err / scale, scale,
+                    cfg.engine.cache_dtype)
     ckpt.save_model(run.fused, model, fused_cfg, {"kind": "fused"})
     logger.info("wrote %s (%s params)", run.fused, f"{model.num_params():,}")
     return run.fused
@@ -79,8 +81,8 @@ def _missing(run: RunDir, k: int):
 
 
 @torch.no_grad()
-def check_fused(model: StackWiseLM, run: RunDir, cfg: StackWiseConfig, max_batches: int = 2) -> float:
-    """Max abs difference between fused outputs and the cached last-layer outputs on held-out views."""
+def check_fused(model: StackWiseLM, run: RunDir, cfg: StackWiseConfig, max_batches: int = 2) -> tuple[float, float]:
+    """(max abs difference, max |h|) between fused outputs and the cached last-layer outputs on held-out views."""
     last = cfg.model.n_layers - 1
     read_manifest(run.acts(last, "val"), what=f"layer {last}'s held-out cache (needed for the fusion check)")
     model.eval()
@@ -98,4 +100,4 @@ def check_fused(model: StackWiseLM, run: RunDir, cfg: StackWiseConfig, max_batch
             f"fused model differs from the staged outputs by {worst:.3e} (tolerance {TOL[cfg.engine.cache_dtype]:.0e}"
             f" x {scale:.1f}); a layer checkpoint was changed after its cache was written: retrain from that layer"
         )
-    return worst
+    return worst, scale

@@ -77,9 +77,9 @@ def plot_run(run_dir: str) -> list[str]:
         offset += max(xs) if xs else 0
     ft = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "finetune"]
     if ft:
-        ax.plot([offset + s for s, _ in ft], [v for _, v in ft], label="fine-tune", color="black")
+        ax.plot([offset + s for s, _ in ft], [v for _, v in ft], label="fine-tune (its own objective, e.g. CLM next-token)", color="black")
     ax.set_xlabel("optimizer step (stages back to back)")
-    ax.set_ylabel("training loss (masked tokens)")
+    ax.set_ylabel("training loss (supervised tokens)")
     ax.legend(fontsize=7)
     ax.set_title("StackWise: loss per stage")
     path = os.path.join(run_dir, "loss_per_stage.png")

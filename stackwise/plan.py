@@ -31,7 +31,7 @@ follows the code (a 70B-shaped layer plans in milliseconds). Assumptions, stated
   With activation checkpointing each layer keeps only its input (s*C) and one layer is recomputed at a time.
   These formulas are checked against ``torch.autograd.graph.saved_tensors_hooks`` in tests/test_plan.py.
 - Logits/loss: ``masked_loss`` upcasts logits; log-softmax output, its grad and the logits grad coexist in
-  backward: 3 * B*T*V * 4 bytes. Cache read buffer: ``prefetch_shards`` shards of B*T*C in the cache dtype.
+  backward: 3 * B*T*V * 4 bytes (4 on CPU, whose log_softmax backward materialises exp(output)). Cache read buffer: ``prefetch_shards`` shards of B*T*C in the cache dtype.
 - Peak (``Plan.total``): static parts (params, frozen, optimizer state, cache buffer) plus the largest of
   three phases that do not overlap: loss (all activations + logits buffers), backward (activations + head
   grad + one layer's backward transient, or all grads + one layer's activations), optimizer step (all grads
@@ -275,7 +275,9 @@ def _plan(cfg, kind, *, world_size=1, zero_stage=3, offload_optimizer=False, off
         acts = n_layers_res * B * T * m.d_model * s + one_layer
     else:
         acts = one_layer + (n_layers_res - 1) * layer_activation_bytes(cfg, B, T, s, device, first=False)
-    logits = 3 * B * T * m.vocab_size * 4
+    # log-softmax output, its grad and the logits grad coexist in backward; torch's CPU log_softmax backward also
+    # materialises exp(output) (measured: the d768 stage and end-to-end peaks were one B*T*V fp32 buffer over)
+    logits = (4 if device == "cpu" else 3) * B * T * m.vocab_size * 4
     cache_buf = prefetch_shards * B * T * m.d_model * DTYPE_BYTES[cache_dtype] if kind == "stage" else 0
     ids = B * T * 8 * (2 if kind == "end_to_end" else 1) + B * T
     parts = {"trainable_params": p_dev, "frozen_params": fz_dev + buffers, "grads": g_dev, "optimizer_state": opt,

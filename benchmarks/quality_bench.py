@@ -1,0 +1,286 @@
+# SPDX-License-Identifier: MIT
+"""Learning-quality benchmark: does layer-wise training learn as well as end-to-end training? (issue 9)
+
+On the bundled Shakespeare corpus (normal data pipeline, held-out split), with the same architecture,
+tokenizer, masked views, data order, optimizer, lr schedule and token budget per trained parameter group
+(``train.max_steps`` S steps of ``train.batch_size`` sequences for every layer), it trains, per seed:
+
+- ``e2e``: the whole model jointly (``stackwise.engine.end_to_end.train_end_to_end``), S steps;
+- ``e2e_long`` (``--methods``): end-to-end for n_layers * S steps, the total tokens of all layer-wise stages;
+- ``layerwise``: StackWise stages of one layer (``train_all`` on cached activations), S steps each, then fused;
+- ``layerwise_ft``: the fused layer-wise model + ``train.finetune_steps`` of joint diffusion fine-tuning;
+- ``block2`` / ``block4``: stages of 2 / 4 layers (``block4`` of a 4-layer model is end-to-end through the
+  stage engine: it must match ``e2e``, a check of the baseline's fairness);
+- phase-2 options (``--methods``): ``lw_zero_init`` (train.stage_zero_init), ``lw_lr_decay``
+  (train.stage_lr_decay=0.7), ``lw_frozen_head`` (train.stage_trains_head=false).
+
+Each final model gets the same held-out evaluation (``quality_eval.eval_model``: masked loss / accuracy at
+rates 0.15 / 0.5 / 0.9 and at the training mix, the ELBO bound) and the same short CLM fine-tune
+(``fine_tune(mode="clm")``, reporting held-out perplexity). Every (method, seed) runs in a fresh process,
+so peak memory (CPU: peak RSS, incl. ~0.3 GB of torch; CUDA: max allocated) and CPU time are its own.
+
+Outputs: a table on stdout and in ``table.md``, one JSON line per run (``results.jsonl``) and the plots
+``loss_vs_tokens.png`` / ``layer_gain.png`` under ``--out`` (default ``benchmarks/results/quality/<size>``).
+
+    python benchmarks/quality_bench.py                         # CPU default size, 3 seeds
+    python benchmarks/quality_bench.py --size gpu --seeds 5    # a larger model on a GPU
+    python benchmarks/quality_bench.py --methods e2e layerwise lw_zero_init --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import quality_eval as qe  # noqa: E402
+
+# model / data / schedule per size; every size uses the bundled corpus through the normal pipeline
+SIZES = {
+    "micro": dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, seq_len=32, batch_size=8,
+                  steps=6, finetune_steps=4, clm_steps=4, lr=3e-3, eval_seq=16, log_interval=2),
+    # a 512-token BPE: at 2048-4096 tokens a d128 model sat on the unigram plateau for all of 300 steps
+    "cpu": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, seq_len=128,
+                batch_size=16, steps=400, finetune_steps=100, clm_steps=50, lr=3e-3, eval_seq=256, log_interval=20),
+    "gpu": dict(vocab_size=4096, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, seq_len=128,
+                batch_size=32, steps=1500, finetune_steps=300, clm_steps=300, lr=2e-3, eval_seq=1024,
+                log_interval=25),
+}
+METHODS = {
+    "e2e": {"kind": "e2e"},
+    "e2e_long": {"kind": "e2e", "steps_mult": "n_layers"},
+    "layerwise": {"kind": "stages", "layers_per_stage": 1},
+    "layerwise_ft": {"kind": "stages", "layers_per_stage": 1, "finetune": True, "source": "layerwise"},
+    "block2": {"kind": "stages", "layers_per_stage": 2},
+    "block4": {"kind": "stages", "layers_per_stage": 4},
+    "lw_zero_init": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_zero_init": True}},
+    "lw_lr_decay": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_lr_decay": 0.7}},
+    "lw_frozen_head": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_trains_head": False}},
+}
+DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]
+
+
+def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
+    from stackwise.config import config_from_dict
+
+    s, m = SIZES[size], METHODS[method]
+    # two masked views per sequence; S * B views are read per stage, about one epoch
+    n_seq = max(s["batch_size"], s["steps"] * s["batch_size"] // 2)
+    tree = {
+        "model": {"vocab_size": s["vocab_size"], "d_model": s["d_model"], "n_layers": s["n_layers"],
+                  "n_heads": s["n_heads"], "n_kv_heads": s["n_kv_heads"], "d_ff": s["d_ff"], "max_seq_len": 1024,
+                  "rope_theta": 10000.0, "init_seed": seed,
+                  "attention": {"attention_type": "gqa", "backend": "torch" if device == "cpu" else "auto"}},
+        "data": {"dummy": False, "corpus": "shakespeare", "seq_len": s["seq_len"], "max_train_sequences": n_seq,
+                 "seed": seed},
+        "train": {"lr": s["lr"], "batch_size": s["batch_size"], "warmup_steps": 10,
+                  "log_interval": s["log_interval"], "finetune_steps": s["finetune_steps"], "eval_sequences": 64,
+                  "seed": seed, "out_dir": out_dir, "checkpoint_interval": 0,
+                  # e2e_long: as many steps as all layer-wise stages together (equal total tokens, same views)
+                  "max_steps": s["steps"] * (s["n_layers"] if m.get("steps_mult") else 1),
+                  "layers_per_stage": m.get("layers_per_stage", 1)},
+        "engine": {"device": device, "cache_dtype": "float32", "cache_keep": "last"},
+    }
+    over = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in m.get("overrides", {}).items()]
+    return config_from_dict(tree, [o.replace("True", "true").replace("False", "false") for o in over])
+
+
+def _stage_records(run_dir: str, cfg) -> tuple[list, list]:
+    """([(last layer of stage, held-out view loss)], training curve [(tokens, loss)]) from metrics.jsonl."""
+    from stackwise.engine.report import read_metrics
+
+    recs = read_metrics(run_dir)
+    K, tok = cfg.train.layers_per_stage, cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    stages = {r["stage"]: r for r in recs if r.get("kind") == "stage"}
+    val = [(stages[k]["layers"][-1], stages[k]["val_loss"]) for k in sorted(stages)]
+    curve = [((r["stage"] // K * cfg.train.max_steps + r["step"]) * tok, r["loss"]) for r in recs
+             if r.get("kind") == "train"]
+    return val, curve
+
+
+def _train_stages(cfg) -> str:
+    from stackwise.engine import fuse, train_all
+
+    train_all(cfg)
+    return fuse(cfg)
+
+
+def run_unit(spec: dict) -> dict:
+    """Train, evaluate and CLM-fine-tune one (method, seed); runs in its own process unless --no-isolate."""
+    import torch
+
+    from stackwise.data.datasets import build_datasets
+    from stackwise.engine import checkpoint as ckpt
+    from stackwise.engine import fine_tune
+    from stackwise.engine.end_to_end import train_end_to_end
+    from stackwise.engine.run import RunDir
+
+    if not spec["verbose"]:
+        logging.getLogger("stackwise").disabled = True
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    size, method, seed, root, device = spec["size"], spec["method"], spec["seed"], spec["root"], spec["device"]
+    m = METHODS[method]
+    out_dir = os.path.join(root, f"{method}-s{seed}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg = build_cfg(size, method, seed, out_dir, device)
+    tok = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    n_groups = cfg.model.n_layers // cfg.train.layers_per_stage
+    row = {"size": size, "method": method, "seed": seed, "steps_per_stage": cfg.train.max_steps,
+           "tokens_per_group": cfg.train.max_steps * tok, "n_layers": cfg.model.n_layers}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0, c0 = time.time(), time.process_time()
+    stage_val, curve = [], []
+    if m["kind"] == "e2e":
+        res = train_end_to_end(cfg)
+        final, row["tokens_total"] = res["path"], cfg.train.max_steps * tok
+        curve = [(s * tok, v) for s, v in res["history"]]
+        row["stage_eval_e2e"] = res["val_loss"]
+    elif m.get("source"):
+        src_cfg = build_cfg(size, m["source"], seed, os.path.join(root, f"{m['source']}-s{seed}"), device)
+        src = RunDir(src_cfg)
+        if not os.path.isfile(src.fused):
+            _train_stages(src_cfg)
+        stage_val, src_curve = _stage_records(src.root, src_cfg)
+        os.makedirs(out_dir, exist_ok=True)
+        ft_cfg = qe.replace_cfg(cfg, train={"checkpoint": src.fused})
+        fine_tune(ft_cfg, "diffusion")
+        final = RunDir(cfg).finetuned("diffusion")
+        off = src_curve[-1][0] if src_curve else 0
+        from stackwise.engine.report import read_metrics
+
+        curve = src_curve + [(off + r["step"] * cfg.train.batch_size * cfg.data.seq_len, r["loss"])
+                             for r in read_metrics(out_dir) if r.get("kind") == "finetune"]
+        row["tokens_per_group"] += cfg.train.finetune_steps * cfg.train.batch_size * cfg.data.seq_len
+        row["tokens_total"] = n_groups * cfg.train.max_steps * tok + cfg.train.finetune_steps * tok
+        row["source_run"] = src.root
+    else:
+        final = _train_stages(cfg)
+        stage_val, curve = _stage_records(out_dir, cfg)
+        row["tokens_total"] = n_groups * cfg.train.max_steps * tok
+    row["wall_s"], row["cpu_s"] = time.time() - t0, time.process_time() - c0
+    if device == "cuda":
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        row["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row["rss_before_mib"] = rss0
+    row["stage_val_loss"] = stage_val
+    if stage_val:
+        prev = [math.log(cfg.model.vocab_size - 1)] + [v for _, v in stage_val[:-1]]
+        row["layer_gains"] = [p - v for p, (_, v) in zip(prev, stage_val)]
+    row["curve"] = curve
+    model, _ = ckpt.load_model(final, device=device)
+    ds = build_datasets(cfg)
+    row.update(qe.eval_model(model, ds.val, cfg, device, n_seq=SIZES[size]["eval_seq"]))
+    del model
+    clm = fine_tune(qe.replace_cfg(cfg, train={"checkpoint": final, "finetune_steps": SIZES[size]["clm_steps"]}),
+                    "clm")
+    row["clm_ppl"] = clm["val_perplexity"]
+    row["eval_s"] = time.time() - t0 - row["wall_s"]
+    return row
+
+
+def _run_wave(specs: list[dict], jobs: int, isolate: bool):
+    """Yield each unit's row as soon as it is done (fresh spawned processes, ``jobs`` at a time)."""
+    if not isolate:
+        yield from map(run_unit, specs)
+        return
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
+        for f in cf.as_completed([ex.submit(run_unit, x) for x in specs]):
+            yield f.result()
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", default="", help="results folder (default benchmarks/results/quality/<size>)")
+    p.add_argument("--runs", default="", help="run directories (default runs/quality_bench/<size>)")
+    p.add_argument("--append", action="store_true", help="add to an existing results.jsonl (other methods)")
+    p.add_argument("--jobs", type=int, default=0, help="units run at once (default: 2 on a CPU of >= 2 cores, else 1)")
+    p.add_argument("--report", action="store_true", help="only rebuild table and plots from results.jsonl")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every unit in this process")
+    p.add_argument("--verbose", action="store_true", help="show the engine's log lines")
+    a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {a.seeds}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    import torch
+
+    a = _parse(argv)
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    out = a.out or os.path.join("benchmarks", "results", "quality", a.size)
+    root = a.runs or os.path.join("runs", "quality_bench", a.size)
+    os.makedirs(out, exist_ok=True)
+    n_layers = SIZES[a.size]["n_layers"]
+    methods = [m for m in a.methods if n_layers % METHODS[m].get("layers_per_stage", 1) == 0
+               and METHODS[m].get("layers_per_stage", 1) <= n_layers]
+    skipped = sorted(set(a.methods) - set(methods))
+    if skipped:
+        print(f"skipping {skipped}: layers_per_stage does not divide model.n_layers={n_layers} at --size {a.size}")
+    rows_path = os.path.join(out, "results.jsonl")
+    rows = []
+    if (a.append or a.report) and os.path.isfile(rows_path):
+        with open(rows_path, encoding="utf-8") as f:
+            rows = [r for r in map(json.loads, f) if a.report or r["method"] not in methods]
+    t0, c0 = time.time(), time.process_time()
+    jobs = a.jobs or (min(2, os.cpu_count() or 1) if device == "cpu" and a.isolate else 1)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    specs = [] if a.report else [dict(size=a.size, method=m, seed=s, root=root, device=device, verbose=a.verbose,
+                                      threads=threads) for m in methods for s in range(a.seeds)]
+    if not a.report:
+        qe.write_jsonl(rows, rows_path)
+    # units whose source run (layerwise for layerwise_ft) must exist go in a second wave
+    waves = [[x for x in specs if not METHODS[x["method"]].get("source")],
+             [x for x in specs if METHODS[x["method"]].get("source")]]
+    for wave in waves:
+        for row in _run_wave(wave, jobs, a.isolate):
+            src = METHODS[row["method"]].get("source")
+            base = next((r for r in rows if r["method"] == src and r["seed"] == row["seed"]), None)
+            if base is not None:  # fused + fine-tune costs the stages too
+                row["cost_note"] = f"wall_s, cpu_s and flops include {src}"
+                for k in ("wall_s", "cpu_s"):
+                    row[k] += base[k]
+            cfg = build_cfg(a.size, row["method"], row["seed"], "unused", device)
+            n_views = cfg.objective.mask_draws * cfg.data.max_train_sequences
+            row["flops"] = qe.method_flops(cfg, METHODS[row["method"]], n_views=n_views, device=device)
+            row["jobs"] = jobs
+            rows.append(row)
+            with open(rows_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            print("JSON " + json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    rows.sort(key=lambda r: (list(METHODS).index(r["method"]), r["seed"]))
+    table, summary = qe.summarize(rows)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_total = time.process_time() - c0 + ru.ru_utime + ru.ru_stime
+    footer = (f"\nsize {a.size}, seeds {a.seeds}, device {device}, torch {torch.__version__}, {jobs} units at once "
+              f"x {threads or torch.get_num_threads()} threads: bench wall {time.time() - t0:.0f} s, CPU {cpu_total:.0f} s")
+    print(table + footer)
+    print("SUMMARY " + json.dumps(summary))
+    with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n" + footer + "\n")
+    for p in qe.plot(rows, out):
+        print(f"wrote {p}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

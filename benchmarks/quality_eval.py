@@ -1,0 +1,184 @@
+# SPDX-License-Identifier: MIT
+"""Helpers of ``quality_bench.py``: held-out metrics of a trained model, FLOP counts, the table and the plots.
+
+Metrics (all on the held-out split of the corpus, with masks drawn from fixed seeds so every method is
+scored on the very same masked sequences):
+- masked-token loss / accuracy at fixed mask rates (``stackwise.objective.diffusion_mask(rate=r)``);
+- ``mix``: the training distribution, one rate per sequence drawn from [mask_fraction_min, mask_fraction_max];
+- the diffusion ELBO bound over t in (0, 1] (``stackwise.engine.evaluate.diffusion_elbo``), nats/token.
+FLOPs come from ``stackwise.plan`` (its 6N-per-trained / 4N-per-frozen matmul formula plus attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+
+import torch
+
+from stackwise.engine.evaluate import diffusion_elbo
+from stackwise.objective import diffusion_mask, masked_accuracy, masked_loss
+from stackwise.plan import plan_cache, plan_end_to_end, plan_stage
+
+RATES = (0.15, 0.5, 0.9)
+
+
+def _batches(data, n: int, batch_size: int):
+    for s in range(0, n, batch_size):
+        yield torch.stack([data[i] for i in range(s, min(s + batch_size, n))])
+
+
+@torch.no_grad()
+def eval_model(model, val, cfg, device, *, n_seq: int, batch_size: int = 32, seed: int = 1234) -> dict:
+    """Held-out masked loss/accuracy at each rate in RATES and at the training mix, and the ELBO bound."""
+    model.eval()
+    n = min(n_seq, len(val))
+    mask_id, o = cfg.model.mask_id, cfg.objective
+    out = {}
+    for tag, rate in [(f"r{r}", r) for r in RATES] + [("mix", None)]:
+        g = torch.Generator().manual_seed(seed)
+        tot = acc = cnt = 0.0
+        for ids in _batches(val, n, batch_size):
+            masked, tgt, lm, _ = diffusion_mask(ids, g, mask_id=mask_id, rate=rate, mask_fraction_min=o.mask_fraction_min,
+                                                mask_fraction_max=o.mask_fraction_max)
+            logits = model(masked.to(device), attention_mode="bidirectional")
+            k = float(lm.sum())
+            tot += float(masked_loss(logits, tgt.to(device), lm.to(device))) * k
+            acc += float(masked_accuracy(logits, tgt.to(device), lm.to(device))) * k
+            cnt += k
+        out[f"loss_{tag}"], out[f"acc_{tag}"] = tot / cnt, acc / cnt
+    out["elbo"] = diffusion_elbo(model, val, batch_size=batch_size, limit=n, seed=seed, device=device, mask_id=mask_id)
+    return out
+
+
+def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
+    """Training FLOPs of one method (stages or end-to-end, activation caching, joint fine-tuning), from stackwise.plan."""
+    m, t = cfg.model, cfg.train
+    kw = dict(dtype=t.dtype, device=device)
+    tok = t.max_steps * t.batch_size * t.grad_accum * cfg.data.seq_len
+    e2e = plan_end_to_end(cfg, keep_frozen_mlp=True, **kw).flops_per_token
+    head = 6.0 * m.vocab_size * m.d_model
+    layer = (e2e - head) / m.n_layers
+    if method["kind"] == "e2e":
+        total = e2e * tok
+    else:
+        K = method.get("layers_per_stage", 1)
+        trains_head = method.get("overrides", {}).get("train.stage_trains_head", True)
+        total = 0.0
+        for first in range(0, m.n_layers, K):
+            th = first == 0 or trains_head
+            one = plan_stage(cfg, layer=first, train_head=th, **kw).flops_per_token
+            total += (one + (K - 1) * layer) * tok
+            # the stage's outputs on every train view are cached (forward of its layers)
+            total += K * plan_cache(cfg, layer=first, **kw).flops_per_token * n_views * cfg.data.seq_len
+    if method.get("finetune"):
+        total += e2e * t.finetune_steps * t.batch_size * cfg.data.seq_len
+    return total
+
+
+def _ms(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+def _pct(xs: list[float]) -> str:
+    if not xs:
+        return ""
+    return f"{statistics.mean(xs):+.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+
+
+def summarize(rows: list[dict], baseline: str = "e2e") -> tuple[str, dict]:
+    """Markdown table (mean ± std over seeds per method) and a summary dict with the gap to the baseline."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {m: [r for r in rows if r["method"] == m] for m in methods}
+    base = {r["seed"]: r["loss_mix"] for r in by.get(baseline, [])}
+    hdr = ["method", "seeds", "masked loss (mix)", "gap vs e2e %", "acc (mix)"] + [f"loss@{r}" for r in RATES] + \
+          [f"acc@{r}" for r in RATES] + ["ELBO nats/tok", "CLM ppl", "min layer gain", "tokens/group", "GFLOP",
+                                         "wall s", "CPU s", "peak MiB"]
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    summary = {}
+    for m in methods:
+        rs = by[m]
+        # gap per seed against the baseline of the same seed, then mean ± std
+        gaps = [100 * (r["loss_mix"] - base[r["seed"]]) / base[r["seed"]] for r in rs if r["seed"] in base]
+        gains = [min(r["layer_gains"]) for r in rs if r.get("layer_gains")]
+        summary[m] = {"loss_mix": statistics.mean(r["loss_mix"] for r in rs),
+                      "gap_pct": statistics.mean(gaps) if gaps else None,
+                      "gap_pct_std": statistics.stdev(gaps) if len(gaps) > 1 else None,
+                      "min_layer_gain": min(gains) if gains else None}
+        cells = [m, str(len(rs)), _ms([r["loss_mix"] for r in rs]), _pct(gaps),
+                 _ms([r["acc_mix"] for r in rs])]
+        cells += [_ms([r[f"loss_r{x}"] for r in rs]) for x in RATES] + [_ms([r[f"acc_r{x}"] for r in rs]) for x in RATES]
+        cells += [_ms([r["elbo"] for r in rs]), _ms([r.get("clm_ppl") for r in rs]),
+                  f"{min(gains):+.4f}" if gains else "n/a", f"{rs[0]['tokens_per_group']:,}",
+                  f"{statistics.mean(r['flops'] for r in rs) / 1e9:.0f}",
+                  f"{statistics.mean(r['wall_s'] for r in rs):.0f}", f"{statistics.mean(r['cpu_s'] for r in rs):.0f}",
+                  f"{statistics.mean(r['peak_mem_mib'] for r in rs):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), summary
+
+
+def plot(rows: list[dict], out_dir: str) -> list[str]:
+    """loss_vs_tokens.png (training masked loss vs tokens processed, per method) and layer_gain.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot(xs, ys, color=colors[r["method"]], alpha=0.7, lw=1,
+                label=r["method"] if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"]) else None)
+    ax.set_xlabel("tokens processed (all stages back to back)")
+    ax.set_ylabel("training masked-token loss")
+    ax.set_title("Learning curves (one line per seed)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [os.path.join(out_dir, "loss_vs_tokens.png")]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m and r.get("stage_val_loss")]
+        if not rs:
+            continue
+        n = len(rs[0]["stage_val_loss"])
+        mean = [statistics.mean(r["stage_val_loss"][i][1] for r in rs) for i in range(n)]
+        layers = [rs[0]["stage_val_loss"][i][0] for i in range(n)]
+        ax.plot(layers, mean, marker="o", color=colors[m], label=m)
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m and r["method"] == "e2e"]
+        if rs:
+            ax.axhline(statistics.mean(r["stage_eval_e2e"] for r in rs), color=colors[m], ls="--", label="e2e (final)")
+    ax.set_xlabel("after the stage ending at layer")
+    ax.set_ylabel("held-out masked loss (views)")
+    ax.set_title("Per-layer gain (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "layer_gain.png"))
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def replace_cfg(cfg, **sections):
+    """``cfg`` with fields replaced per section: replace_cfg(cfg, train={"lr": 1e-3})."""
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})

@@ -267,12 +267,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             with open(rows_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             print("JSON " + json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    if not rows:
+        print(f"no results in {rows_path}")
+        return rows
     rows.sort(key=lambda r: (list(METHODS).index(r["method"]), r["seed"]))
+    for r in rows:
+        if "planned_peak_mib" not in r:
+            cfg = build_cfg(r["size"], r["method"], r["seed"], "unused", device)
+            r["planned_peak_mib"] = qe.planned_peak_bytes(cfg, METHODS[r["method"]], device=device) / 2**20
     table, summary = qe.summarize(rows)
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_total = time.process_time() - c0 + ru.ru_utime + ru.ru_stime
-    footer = (f"\nsize {a.size}, seeds {a.seeds}, device {device}, torch {torch.__version__}, {jobs} units at once "
-              f"x {threads or torch.get_num_threads()} threads: bench wall {time.time() - t0:.0f} s, CPU {cpu_total:.0f} s")
+    footer = "\n(rebuilt from results.jsonl; wall/CPU per run are the runs' own)" if a.report else (
+              f"\nsize {a.size}, seeds {a.seeds}, device {device}, torch {torch.__version__}, {jobs} units at once "
+              f"x {threads or torch.get_num_threads()} threads: bench wall {time.time() - t0:.0f} s, "
+              f"CPU {cpu_total:.0f} s")
     print(table + footer)
     print("SUMMARY " + json.dumps(summary))
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:

@@ -42,7 +42,8 @@ def eval_model(model, val, cfg, device, *, n_seq: int, batch_size: int = 32, see
         g = torch.Generator().manual_seed(seed)
         tot = acc = cnt = 0.0
         for ids in _batches(val, n, batch_size):
-            masked, tgt, lm, _ = diffusion_mask(ids, g, mask_id=mask_id, rate=rate, mask_fraction_min=o.mask_fraction_min,
+            masked, tgt, lm, _ = diffusion_mask(ids, g, mask_id=mask_id, rate=rate,
+                                                mask_fraction_min=o.mask_fraction_min,
                                                 mask_fraction_max=o.mask_fraction_max)
             logits = model(masked.to(device), attention_mode="bidirectional")
             k = float(lm.sum())
@@ -55,7 +56,7 @@ def eval_model(model, val, cfg, device, *, n_seq: int, batch_size: int = 32, see
 
 
 def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
-    """Training FLOPs of one method (stages or end-to-end, activation caching, joint fine-tuning), from stackwise.plan."""
+    """Training FLOPs of one method (stages or end-to-end, caching, joint fine-tuning), from stackwise.plan."""
     m, t = cfg.model, cfg.train
     kw = dict(dtype=t.dtype, device=device)
     tok = t.max_steps * t.batch_size * t.grad_accum * cfg.data.seq_len
@@ -77,6 +78,21 @@ def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
     if method.get("finetune"):
         total += e2e * t.finetune_steps * t.batch_size * cfg.data.seq_len
     return total
+
+
+def planned_peak_bytes(cfg, method: dict, *, device: str) -> float:
+    """Peak memory ``stackwise.plan`` predicts for the method's largest phase (a stage, or end-to-end training)."""
+    kw = dict(dtype=cfg.train.dtype, device=device, zero_stage=0)
+    e2e = plan_end_to_end(cfg, keep_frozen_mlp=True, **kw).total
+    if method["kind"] == "e2e":
+        return e2e
+    K = method.get("layers_per_stage", 1)
+    th = method.get("overrides", {}).get("train.stage_trains_head", True)
+    # a K-layer stage holds K layers' activations and state; plan_stage models one layer, so scale its layer part
+    one = max(plan_stage(cfg, layer=f, train_head=f == 0 or th, **kw).total for f in range(0, cfg.model.n_layers, K))
+    per_layer = (e2e - plan_stage(cfg, layer=1 % cfg.model.n_layers, **kw).total) / max(1, cfg.model.n_layers - 1)
+    peak = one + (K - 1) * max(per_layer, 0.0)
+    return max(peak, e2e) if method.get("finetune") else peak
 
 
 def _ms(xs: list[float]) -> str:
@@ -101,7 +117,7 @@ def summarize(rows: list[dict], baseline: str = "e2e") -> tuple[str, dict]:
     base = {r["seed"]: r["loss_mix"] for r in by.get(baseline, [])}
     hdr = ["method", "seeds", "masked loss (mix)", "gap vs e2e %", "acc (mix)"] + [f"loss@{r}" for r in RATES] + \
           [f"acc@{r}" for r in RATES] + ["ELBO nats/tok", "CLM ppl", "min layer gain", "tokens/group", "GFLOP",
-                                         "wall s", "CPU s", "peak MiB"]
+                                         "wall s", "CPU s", "peak MiB", "planned MiB"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     summary = {}
     for m in methods:
@@ -115,12 +131,14 @@ def summarize(rows: list[dict], baseline: str = "e2e") -> tuple[str, dict]:
                       "min_layer_gain": min(gains) if gains else None}
         cells = [m, str(len(rs)), _ms([r["loss_mix"] for r in rs]), _pct(gaps),
                  _ms([r["acc_mix"] for r in rs])]
-        cells += [_ms([r[f"loss_r{x}"] for r in rs]) for x in RATES] + [_ms([r[f"acc_r{x}"] for r in rs]) for x in RATES]
+        cells += [_ms([r[f"loss_r{x}"] for r in rs]) for x in RATES]
+        cells += [_ms([r[f"acc_r{x}"] for r in rs]) for x in RATES]
         cells += [_ms([r["elbo"] for r in rs]), _ms([r.get("clm_ppl") for r in rs]),
                   f"{min(gains):+.4f}" if gains else "n/a", f"{rs[0]['tokens_per_group']:,}",
                   f"{statistics.mean(r['flops'] for r in rs) / 1e9:.0f}",
                   f"{statistics.mean(r['wall_s'] for r in rs):.0f}", f"{statistics.mean(r['cpu_s'] for r in rs):.0f}",
-                  f"{statistics.mean(r['peak_mem_mib'] for r in rs):.0f}"]
+                  f"{statistics.mean(r['peak_mem_mib'] for r in rs):.0f}",
+                  f"{rs[0].get('planned_peak_mib', float('nan')):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), summary
 
@@ -137,13 +155,20 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in rows:
-        xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(xs, ys, color=colors[r["method"]], alpha=0.7, lw=1,
-                label=r["method"] if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"]) else None)
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m and r["curve"]]
+        n = min((len(r["curve"]) for r in rs), default=0)
+        if not n:
+            continue
+        # mean over seeds (same logging steps), smoothed over 5 log points: single batches are noisy
+        ys = [statistics.mean(r["curve"][i][1] for r in rs) for i in range(n)]
+        ys = [statistics.mean(ys[max(0, i - 4):i + 1]) for i in range(n)]
+        dashed = m in ("block4", "layerwise_ft")  # they retrace e2e / layerwise, then continue
+        ax.plot([rs[0]["curve"][i][0] for i in range(n)], ys, color=colors[m], lw=1.2, ls="--" if dashed else "-",
+                label=f"{m} ({len(rs)} seeds)")
     ax.set_xlabel("tokens processed (all stages back to back)")
     ax.set_ylabel("training masked-token loss")
-    ax.set_title("Learning curves (one line per seed)")
+    ax.set_title("Training masked loss vs tokens (mean over seeds, smoothed)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths = [os.path.join(out_dir, "loss_vs_tokens.png")]
@@ -151,7 +176,7 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
-        rs = [r for r in rows if r["method"] == m and r.get("stage_val_loss")]
+        rs = [r for r in rows if r["method"] == m and r.get("stage_val_loss") and not r.get("source_run")]
         if not rs:
             continue
         n = len(rs[0]["stage_val_loss"])

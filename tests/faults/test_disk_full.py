@@ -15,6 +15,12 @@ import torch
 from stackwise.engine import checkpoint as ckpt
 
 
+def _unmount(mnt) -> None:
+    # lazy: a file the test's code still holds open (e.g. a prefetch thread's) must not leave the mount behind
+    rc = subprocess.run(["umount", "-l", str(mnt)], capture_output=True, text=True)
+    assert rc.returncode == 0, f"could not unmount {mnt}: {rc.stderr}"
+
+
 @pytest.fixture
 def small_disk(tmp_path, monkeypatch):
     mnt = tmp_path / "small"
@@ -32,7 +38,7 @@ def small_disk(tmp_path, monkeypatch):
         monkeypatch.setattr(ckpt, "save_file", save_file)
     yield mnt
     if ok:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        _unmount(mnt)
 
 
 def test_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk):
@@ -55,7 +61,7 @@ def tiny_fs(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root (the ENOSPC-injection test above covers checkpoints without it)")
     yield mnt
-    subprocess.run(["umount", str(mnt)], capture_output=True)
+    _unmount(mnt)
 
 
 def _fill(mnt, leave: int) -> None:

@@ -160,6 +160,35 @@ def feature_attention_chunked(
 ) -> torch.Tensor:
     """Random-feature attention in O(T): same arguments and result as :func:`feature_attention_ref`.
 
+    Runs one (batch row, kv head) group at a time: the key stabiliser is per (batch, kv head) anyway, and a
+    group's working set stays in cache (measured on 2 CPU cores at T 16k, H 8/2, D 64, M 64: causal 183 ->
+    81 ms, bidirectional 60 -> 50 ms).
+    """
+    B, Hkv = q.shape[0], k.shape[1]
+    G = q.shape[1] // Hkv
+    kw = dict(causal=causal, feature_map=feature_map, scale=scale, eps=eps, chunk=chunk)
+    if B * Hkv == 1:
+        return _feature_attention_group(q, k, v, W, **kw)
+    rows = [torch.cat([_feature_attention_group(q[b : b + 1, j * G : (j + 1) * G], k[b : b + 1, j : j + 1],
+                                                v[b : b + 1, j : j + 1], W, **kw) for j in range(Hkv)], dim=1)
+            for b in range(B)]
+    return torch.cat(rows, dim=0)
+
+
+def _feature_attention_group(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    causal: bool,
+    feature_map: str,
+    scale: float | None,
+    eps: float,
+    chunk: int,
+) -> torch.Tensor:
+    """The chunked computation for any [B, H, T, D] / [B, Hkv, T, D] (called per group by the function above).
+
     Bidirectional: one pass builds S = phi(K)^T [V, 1] [M', Dv + 1] (the ones column carries the normaliser
     z = sum_j phi(k_j), so numerator and denominator come from one matmul). Causal: per chunk of ``chunk``
     positions, the state of all earlier chunks (an exclusive cumsum of per-chunk states) plus a masked

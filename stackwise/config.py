@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from ._fs import atomic_write
+
 ATTENTION_TYPES = ("standard", "gqa", "mla", "kernel")
 ATTENTION_MODES = ("bidirectional", "causal")
 FINE_TUNE_MODES = ("clm", "mlm", "diffusion")
@@ -597,12 +599,11 @@ def save_config(cfg: StackWiseConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (temp file + rename)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(config_to_yaml(cfg))
+
+    atomic_write(path, write)
 
 
 def config_to_yaml(cfg: StackWiseConfig) -> str:

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from .._fs import atomic_write_bytes, fsync_dir
+
 MANIFEST = "manifest.json"
 FORMAT = "stackwise-acts-1"
 # numpy has no bfloat16: such arrays are stored as their uint16 bit patterns
@@ -44,25 +46,10 @@ class ActivationCacheError(RuntimeError):
     """A cache directory, manifest or shard is missing or corrupt; the message names it and the fix."""
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise ActivationCacheError(f"could not write {path}: {e}; free disk space and rerun the stage") from None
 
 
@@ -136,7 +123,7 @@ class ShardWriter:
                     "shards": entries, **meta}
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         try:
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
             _atomic_write_bytes(os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=1).encode())
         except (ActivationCacheError, OSError):
             self.abort()
@@ -147,7 +134,7 @@ class ShardWriter:
         if os.path.exists(self.directory):
             os.rename(self.directory, old)
         os.rename(self.path, self.directory)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.directory)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.directory)))
         shutil.rmtree(old, ignore_errors=True)
         return manifest
 

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._fs import atomic_write, fsync_dir, tmp_name
+
 log = logging.getLogger("stackwise")
 
 CORPORA = ("shakespeare", "kjv", "shakespeare+kjv")
@@ -304,7 +306,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLi
     tok.add_special_tokens([f"<|unused_{i}|>" for i in range(vocab_size - 1 - n)] + ["[MASK]"])
     if tok.token_to_id("[MASK]") != vocab_size - 1:
         raise RuntimeError(f"[MASK] got id {tok.token_to_id('[MASK]')}, expected {vocab_size - 1}")
-    _atomic_write(path, lambda tmp: tok.save(tmp))
+    atomic_write(path, lambda tmp: tok.save(tmp))
     return Tokenizer(path, mask_token="[MASK]")
 
 
@@ -336,20 +338,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write(path: str | os.PathLike, write) -> None:
-    """``write(tmp_path)``, fsync, then rename over ``path``: readers see the old file or the whole new one."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _progress(items: Iterable, desc: str, sources: list[TextSource]) -> Iterable:
@@ -471,7 +459,7 @@ def _build(out: Path, sources: list[TextSource], request: dict, data_cfg, vocab_
     tok_path = out / "tokenizer.json"
     if data_cfg.tokenizer:
         tok = load_tokenizer(request["tokenizer"]["path"], vocab_size=vocab_size)
-        _atomic_write(tok_path, lambda tmp: shutil.copyfile(tok.path, tmp))
+        atomic_write(tok_path, lambda tmp: shutil.copyfile(tok.path, tmp))
         t_tok = 0.0
     else:
         train_parts = (split_document(d, vf)[0] for d in _progress(iter_documents(sources), "BPE", sources))
@@ -484,7 +472,7 @@ def _build(out: Path, sources: list[TextSource], request: dict, data_cfg, vocab_
     dtype = token_dtype(vocab_size)
     counts = {"train": 0, "val": 0, "docs": 0, "bytes": 0}
     hashes = {"train": hashlib.sha256(), "val": hashlib.sha256()}
-    tmp = {k: out / f"{k}.bin.tmp.{os.getpid()}" for k in ("train", "val")}
+    tmp = {k: Path(tmp_name(out / f"{k}.bin")) for k in ("train", "val")}
     try:
         with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
             handles = {"train": ftrain, "val": fval}
@@ -520,8 +508,8 @@ def _build(out: Path, sources: list[TextSource], request: dict, data_cfg, vocab_
             "bytes_per_token": counts["bytes"] / n_tok, "val_fraction": data_cfg.val_fraction,
             "description": description, "tokenizer_seconds": round(t_tok, 3),
             "build_seconds": round(time.perf_counter() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _atomic_write(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
-    _fsync_dir(out)
+    atomic_write(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    fsync_dir(out)
     # encode_batch used the Rust thread pool: without this, forked DataLoader workers print a deadlock warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.info("built %s in %.1f s: %s", out, meta["build_seconds"], description)
@@ -537,15 +525,3 @@ def _write_batch(raw, batch, handles, hashes, counts, dtype) -> None:
             handles[split].write(ids.tobytes())
             hashes[split].update(ids.tobytes())
             counts[split] += len(ids)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames inside ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

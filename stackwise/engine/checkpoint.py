@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._fs import atomic_write
 from ..config import StackWiseConfig, config_from_dict, config_to_yaml
 from ..model import StackWiseLM
 
@@ -45,17 +46,6 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write ``tensors`` (+ string metadata and a digest) to ``path``.
 
@@ -73,16 +63,9 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str
     meta["format"] = FORMAT
     meta["sha256"] = tensor_digest(clean)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file(clean, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path)
+        atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
     except Exception as e:  # OSError (disk full), or safetensors refusing the data
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise CheckpointError(
             f"could not write checkpoint {path}: {e}; free disk space or fix permissions (the previous file, if "
             f"any, is intact)"

@@ -91,7 +91,8 @@ def resolve_backend(cfg: StackWiseConfig, world_size: int) -> str:
     return pick
 
 
-def _pick_device(cfg: StackWiseConfig, local_rank: int) -> torch.device:
+def pick_device(cfg: StackWiseConfig, local_rank: int = 0) -> torch.device:
+    """The device ``engine.device`` resolves to for this process (CUDA device ``local_rank`` mod count)."""
     want = cfg.engine.device
     if want == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("engine.device='cuda' but no CUDA device is visible; use engine.device=auto or cpu")
@@ -123,7 +124,7 @@ def init_distributed(cfg: StackWiseConfig) -> DistEnv:
     init_logging(rank)
     backend = resolve_backend(cfg, world)
     cfg.check_world(world)
-    device = _pick_device(cfg, local)
+    device = pick_device(cfg, local)
     if backend == "single":
         return DistEnv(rank, local, world, backend, device)
     if world > 1 and "MASTER_ADDR" not in os.environ:

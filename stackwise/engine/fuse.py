@@ -13,6 +13,7 @@ last layer (written while training, stage by stage), to the cache dtype's precis
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -37,7 +38,12 @@ def fuse(cfg: StackWiseConfig, *, check: bool = True) -> str:
     n = cfg.model.n_layers
     layer_tensors = []
     for k in range(n):
-        tensors, meta = ckpt.load_tensors(run.layer_ckpt(k)) if _exists(run.layer_ckpt(k)) else _missing(run, k)
+        if not os.path.isfile(run.layer_ckpt(k)):
+            raise FileNotFoundError(
+                f"{run.layer_ckpt(k)} is missing: train layer {k} before fusing "
+                f"(python launchers/train_layer.py --config {run.root}/config.yaml --layer {k})"
+            )
+        tensors, meta = ckpt.load_tensors(run.layer_ckpt(k))
         other = ckpt.config_from_metadata(meta, run.layer_ckpt(k))
         if other.model != cfg.model:
             raise FusionError(f"{run.layer_ckpt(k)} was trained with a different model config; it cannot be fused here")
@@ -65,19 +71,6 @@ def fuse(cfg: StackWiseConfig, *, check: bool = True) -> str:
     ckpt.save_model(run.fused, model, fused_cfg, {"kind": "fused"})
     logger.info("wrote %s (%s params)", run.fused, f"{model.num_params():,}")
     return run.fused
-
-
-def _exists(path: str) -> bool:
-    import os
-
-    return os.path.isfile(path)
-
-
-def _missing(run: RunDir, k: int):
-    raise FileNotFoundError(
-        f"{run.layer_ckpt(k)} is missing: train layer {k} before fusing "
-        f"(python launchers/train_layer.py --config {run.root}/config.yaml --layer {k})"
-    )
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import yaml
 
 from ..config import ConfigError, StackWiseConfig, config_from_dict, save_config
 from ..data.activations import ActivationCacheError, build_views, read_manifest
+from .distributed import pick_device  # noqa: F401  (re-exported: the single-process entry points use it)
 from .log import logger, progress_bar
 
 
@@ -88,15 +89,6 @@ class RunDir:
                 f"{self.cfg.model.n_layers - 1})"
             )
         return list(range(first, first + K))
-
-
-def pick_device(cfg: StackWiseConfig) -> torch.device:
-    want = cfg.engine.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("engine.device='cuda' but no CUDA device is visible; use engine.device=auto or cpu")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
 
 
 # sections that must agree between runs sharing a directory: they decide what the stored tensors mean
@@ -189,19 +181,9 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
             bar.close()
 
 
-class _Head(torch.utils.data.Dataset):
-    def __init__(self, data, n):
-        self.data, self.n = data, min(n, len(data))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.data[i]
-
-
-def _head(data, n):
-    return _Head(data, n)
+def _head(data, n: int) -> torch.utils.data.Subset:
+    """The first ``n`` items of ``data`` (all of them when it has fewer)."""
+    return torch.utils.data.Subset(data, range(min(n, len(data))))
 
 
 def require_acts(run: RunDir, k: int) -> None:

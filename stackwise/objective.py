@@ -15,6 +15,7 @@ Masks replace token ids, never embeddings. All randomness comes from the ``gener
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -97,32 +98,109 @@ def mask_tokens(
     raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
 
 
+def sequence_weights(loss_mask: torch.Tensor, weighting: str) -> torch.Tensor | None:
+    """Per-sequence loss weights [B] of ``objective.loss_weighting``, from the *realised* mask rate.
+
+    ``none`` gives None (plain masked mean). ``inv_t`` gives T / k_b, one over the realised rate k_b / T of
+    sequence b (the drawn rate t differs from k_b / T by rounding and clamping), the ELBO weighting.
+    """
+    if weighting == "none":
+        return None
+    if weighting == "inv_t":
+        T = loss_mask.shape[1]
+        return T / loss_mask.sum(1).clamp_min(1).to(torch.float32)
+    raise ValueError(f"objective.loss_weighting must be one of ['none', 'inv_t'], got {weighting!r}")
+
+
+def loss_normalizer(loss_mask: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """What :func:`masked_loss` divides by: supervised tokens (no weights) or B * T (per-sequence weights)."""
+    if weights is None:
+        return loss_mask.sum().clamp_min(1).to(torch.float32)
+    return torch.tensor(float(loss_mask.numel()), device=loss_mask.device)
+
+
 def masked_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     loss_mask: torch.Tensor,
     weights: torch.Tensor | None = None,
+    denom: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy over supervised positions.
+    """Cross-entropy over supervised positions.
 
     Args:
         logits (torch.Tensor): [B, T, V].
         targets (torch.Tensor): [B, T] int.
         loss_mask (torch.Tensor): [B, T] bool; positions with False contribute nothing.
-        weights (torch.Tensor | None): [B] per-sequence weights (1/t for the diffusion ELBO weighting).
+        weights (torch.Tensor | None): [B] per-sequence weights (:func:`sequence_weights`: T / k for inv_t).
+        denom: what the weighted sum is divided by; None means :func:`loss_normalizer` (the data-parallel
+            trainer passes the global value divided by the world size).
 
     Returns:
-        torch.Tensor: scalar; the sum of weighted token losses divided by the number of supervised tokens.
+        torch.Tensor: scalar. Unweighted: the mean over supervised tokens. Weighted: the sum over supervised
+        tokens of weight * CE divided by B * T, so with inv_t weights it is the masked-diffusion ELBO per token
+        (MDLM / LLaDA), whatever rates the batch drew.
     """
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     lm = loss_mask.to(ce.dtype)
     if weights is not None:
         lm = lm * weights.to(ce.dtype).unsqueeze(1)
-    n = loss_mask.sum().clamp_min(1)
-    return (ce * lm).sum() / n
+    if denom is None:
+        denom = loss_normalizer(loss_mask, weights)
+    return (ce * lm).sum() / denom
 
 
 def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Fraction of supervised positions where argmax(logits) equals the target."""
     hit = (logits.argmax(-1) == targets) & loss_mask
     return hit.sum().float() / loss_mask.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One training objective: the masking policy, the per-sequence weights, the loss and the attention mode.
+
+    Built once from the config (:meth:`from_config`) and used by view building, stages, end-to-end training,
+    fine-tuning and evaluation, so every kind of training masks, weights and normalises the same way.
+    """
+
+    policy: str
+    mask_id: int
+    vocab_size: int
+    mask_fraction_min: float = 0.15
+    mask_fraction_max: float = 0.90
+    mlm_rate: float = 0.15
+    loss_weighting: str = "none"
+    attention_mode: str = "bidirectional"
+
+    @classmethod
+    def from_config(cls, objective_cfg, model_cfg, policy: str = "diffusion") -> "Objective":
+        """``policy`` diffusion (layer-wise training), or a fine-tuning mode; clm always attends causally."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
+        mode = "causal" if policy == "clm" else model_cfg.attention.attention_mode
+        return cls(policy=policy, mask_id=model_cfg.mask_id, vocab_size=model_cfg.vocab_size,
+                   mask_fraction_min=objective_cfg.mask_fraction_min, mask_fraction_max=objective_cfg.mask_fraction_max,
+                   mlm_rate=objective_cfg.mlm_rate,
+                   loss_weighting=objective_cfg.loss_weighting if policy == "diffusion" else "none",
+                   attention_mode=mode)
+
+    def mask(self, input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A batch of views: ``x`` (masked ids), ``targets``, ``loss_mask`` and the realised ``rate`` [B]."""
+        masked, targets, loss_mask = mask_tokens(
+            input_ids, self.policy, generator, mask_id=self.mask_id, vocab_size=self.vocab_size,
+            mask_fraction_min=self.mask_fraction_min, mask_fraction_max=self.mask_fraction_max,
+            mlm_rate=self.mlm_rate)
+        rate = loss_mask.float().mean(1)
+        return {"x": masked, "targets": targets, "loss_mask": loss_mask, "rate": rate}
+
+    def weights(self, loss_mask: torch.Tensor) -> torch.Tensor | None:
+        return sequence_weights(loss_mask, self.loss_weighting)
+
+    def normalizer(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the loss denominator (summed over ranks by the data-parallel loop)."""
+        return loss_normalizer(loss_mask, self.weights(loss_mask))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
+             denom: torch.Tensor | float | None = None) -> torch.Tensor:
+        return masked_loss(logits, targets, loss_mask, self.weights(loss_mask), denom)

@@ -78,3 +78,42 @@ def test_clm_shift():
 def test_unknown_policy():
     with pytest.raises(ValueError, match="policy must be one of"):
         mask_tokens(torch.zeros(1, 4, dtype=torch.long), "bert", _gen(), mask_id=MASK, vocab_size=V)
+
+
+def test_inv_t_is_the_elbo_per_token_with_the_realised_rate():
+    from stackwise.objective import sequence_weights
+
+    # one sequence, T 10, 2 masked tokens (realised rate 0.2): the MDLM/LLaDA loss is sum(ce) / (t T) = sum(ce) / k
+    logits, tgt = torch.randn(1, 10, V), torch.randint(0, MASK, (1, 10))
+    lm = torch.zeros(1, 10, dtype=torch.bool)
+    lm[0, [2, 7]] = True
+    w = sequence_weights(lm, "inv_t")
+    torch.testing.assert_close(w, torch.tensor([5.0]))
+    ce = torch.nn.functional.cross_entropy(logits[0], tgt[0], reduction="none")
+    torch.testing.assert_close(masked_loss(logits, tgt, lm, w), ce[lm[0]].sum() / 2)
+    assert sequence_weights(lm, "none") is None
+
+
+def test_inv_t_scale_does_not_depend_on_the_drawn_rates():
+    from stackwise.objective import Objective
+    from stackwise.config import ModelConfig, ObjectiveConfig
+
+    # with uniform logits every masked token costs ln V: the ELBO-normalised loss is ln V at any mask rate
+    obj = Objective.from_config(ObjectiveConfig(loss_weighting="inv_t"), ModelConfig(vocab_size=V, d_model=8,
+                                                                                      n_heads=2))
+    ids = torch.randint(0, MASK, (6, 50))
+    for seed in range(3):
+        views = obj.mask(ids, _gen(seed))
+        loss = obj.loss(torch.zeros(6, 50, V), views["targets"], views["loss_mask"])
+        torch.testing.assert_close(loss, torch.tensor(float(torch.log(torch.tensor(float(V))))))
+
+
+def test_objective_owns_the_attention_mode():
+    from stackwise.objective import Objective
+    from stackwise.config import ModelConfig, ObjectiveConfig
+
+    m = ModelConfig(vocab_size=V, d_model=8, n_heads=2)
+    assert Objective.from_config(ObjectiveConfig(), m, "clm").attention_mode == "causal"
+    assert Objective.from_config(ObjectiveConfig(), m, "diffusion").attention_mode == "bidirectional"
+    # loss weighting applies to diffusion only
+    assert Objective.from_config(ObjectiveConfig(loss_weighting="inv_t"), m, "mlm").loss_weighting == "none"

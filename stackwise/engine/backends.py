@@ -27,14 +27,15 @@ import os
 import shutil
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import StackWiseConfig, config_to_yaml
 from ..model import StackWiseLM
+from ..objective import masked_loss
 from .distributed import DistEnv, barrier, broadcast_object
 from .ds_config import build_ds_config, uses_ds_optimizer
 from .log import logger
+from .stage_io import run_stage_layers
 
 
 class StageModule(nn.Module):
@@ -45,26 +46,19 @@ class StageModule(nn.Module):
     process computes on the whole batch), even when ranks hold different numbers of masked tokens.
     """
 
-    def __init__(self, lm: StackWiseLM, layers: list[int], checkpointing: bool = False):
+    def __init__(self, lm: StackWiseLM, layers: list[int], checkpointing: bool = False,
+                 attention_mode: str = "bidirectional"):
         super().__init__()
         self.lm, self.layers, self.checkpointing = lm, list(layers), checkpointing
+        self.attention_mode = attention_mode
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """x: ids [B, T] (stage 0) or h [B, T, C] -> h [B, T, C] after the stage's layers."""
         h = self.lm.embed(x) if self.layers[0] == 0 else x
-        if not self.checkpointing:
-            return self.lm.run_layers(h, self.layers[0], self.layers[-1] + 1, "bidirectional")
-        for k in self.layers:
-            h = torch.utils.checkpoint.checkpoint(self.lm.run_layers, h, k, k + 1, "bidirectional", use_reentrant=False)
-        return h
+        return run_stage_layers(self.lm, h, self.layers, self.attention_mode, self.checkpointing)
 
     def forward(self, x, targets, loss_mask, weights, denom):
-        logits = self.lm.head(self.hidden(x))
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        lm = loss_mask.to(ce.dtype)
-        if weights is not None:
-            lm = lm * weights.to(ce.dtype).unsqueeze(1)
-        return (ce * lm).sum() / denom
+        return masked_loss(self.lm.head(self.hidden(x)), targets, loss_mask, weights, denom)
 
 
 def param_groups(params: dict[str, nn.Parameter], cfg: StackWiseConfig) -> list[dict]:
@@ -135,7 +129,7 @@ class DeepSpeedStage(DistStage):
         params = trainable_fn(lm)
         if cfg.engine.zero_stage == 3:
             deepspeed.zero.Init(module=lm, config_dict_or_path=self.ds_config)
-        module = StageModule(lm, layers, cfg.engine.activation_checkpointing)
+        module = StageModule(lm, layers, cfg.engine.activation_checkpointing, cfg.model.attention.attention_mode)
         groups = param_groups(params, cfg)
         optimizer = None
         if not uses_ds_optimizer(cfg, on_cuda):
@@ -206,7 +200,7 @@ class FSDPStage(DistStage):
                 own[name].copy_(t)
         lm.to(env.device)
         params_by_name = trainable_fn(lm)
-        module = StageModule(lm, layers, cfg.engine.activation_checkpointing)
+        module = StageModule(lm, layers, cfg.engine.activation_checkpointing, cfg.model.attention.attention_mode)
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.train.dtype]
         mp = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32)
         for k in layers:

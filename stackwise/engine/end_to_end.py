@@ -25,6 +25,7 @@ from ..data.activations import ShardStream
 from ..model import StackWiseLM
 from ..objective import masked_loss
 from . import checkpoint as ckpt
+from .precision import Precision
 from .log import MetricsWriter, format_step, init_logging, logger
 from .run import ensure_views, init_run_dir, pick_device
 from .stage_io import evaluate_stage, stage_forward
@@ -58,6 +59,7 @@ def train_end_to_end(cfg: StackWiseConfig, *, name: str = "end_to_end") -> dict:
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
     opt = make_optimizer(params, cfg)
+    precision = Precision(cfg.train.dtype, device)
     t, layers = cfg.train, list(range(cfg.model.n_layers))
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     logger.info("end-to-end: %d layers on %s | %s trainable params | %s tokens/step | %d steps", len(layers), device,
@@ -73,13 +75,12 @@ def train_end_to_end(cfg: StackWiseConfig, *, name: str = "end_to_end") -> dict:
         step_loss = torch.zeros((), device=device)
         for _ in range(t.grad_accum):
             batch = next(stream)
-            _, logits, w = stage_forward(model, batch, layers, device, cfg)
-            loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device), w)
-            (loss / t.grad_accum).backward()
+            with precision.autocast():
+                _, logits, w = stage_forward(model, batch, layers, device, cfg)
+                loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device), w)
+            precision.backward(loss / t.grad_accum)
             step_loss += loss.detach() / t.grad_accum
-        gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.grad_clip if t.grad_clip > 0 else math.inf)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        gnorm = precision.step(opt, list(params.values()), t.grad_clip)
         if (step + 1) % t.log_interval == 0 or step + 1 == t.max_steps:
             last = float(step_loss)
             if not math.isfinite(last):

@@ -16,9 +16,10 @@ import time
 import torch
 
 from ..config import FINE_TUNE_MODES, StackWiseConfig
-from ..objective import mask_tokens, masked_loss
+from ..objective import Objective
 from . import checkpoint as ckpt
 from .evaluate import diffusion_elbo, eval_policy
+from .precision import Precision
 from .log import MetricsWriter, format_step, init_logging, logger, progress_bar
 from .run import RunDir, pick_device
 from .trainer import lr_at, make_optimizer
@@ -51,11 +52,14 @@ def fine_tune(cfg: StackWiseConfig, mode: str | None = None) -> dict:
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
     opt = make_optimizer(params, cfg)
+    precision = Precision(cfg.train.dtype, device)
     steps, base_lr = cfg.train.finetune_steps, cfg.train.finetune_lr or cfg.train.lr
     mask_kw = dict(mask_id=model_cfg.model.mask_id, vocab_size=model_cfg.model.vocab_size)
     policy_kw = dict(mask_kw, mask_fraction_min=cfg.objective.mask_fraction_min,
                      mask_fraction_max=cfg.objective.mask_fraction_max, mlm_rate=cfg.objective.mlm_rate)
-    attention_mode = "causal" if mode == "clm" else "bidirectional"
+    # the objective owns masking, loss weighting (objective.loss_weighting for diffusion) and attention mode
+    objective = Objective.from_config(cfg.objective, model_cfg.model, mode)
+    attention_mode = objective.attention_mode
     g = torch.Generator().manual_seed(cfg.train.seed + 7)
     order = torch.Generator().manual_seed(cfg.train.seed + 11)
     metrics = MetricsWriter(run.root)
@@ -72,12 +76,12 @@ def fine_tune(cfg: StackWiseConfig, mode: str | None = None) -> dict:
             grp["lr"] = lr
         idx = torch.randint(0, len(ds.train), (B,), generator=order)
         ids = torch.stack([ds.train[int(i)] for i in idx])
-        masked, tgt, lm = mask_tokens(ids, mode, g, **policy_kw)
-        loss = masked_loss(model(masked.to(device), attention_mode=attention_mode), tgt.to(device), lm.to(device))
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.train.grad_clip or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        views = objective.mask(ids, g)
+        with precision.autocast():
+            logits = model(views["x"].to(device), attention_mode=attention_mode)
+            loss = objective.loss(logits, views["targets"].to(device), views["loss_mask"].to(device))
+        precision.backward(loss)
+        gnorm = precision.step(opt, list(params.values()), cfg.train.grad_clip)
         if bar:
             bar.update(1)
         if (step + 1) % cfg.train.log_interval == 0 or step + 1 == steps:

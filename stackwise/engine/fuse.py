@@ -85,7 +85,7 @@ def check_fused(model: StackWiseLM, run: RunDir, cfg: StackWiseConfig, max_batch
     for i, (views, staged) in enumerate(zip(stream, cached)):
         if i >= max_batches:
             break
-        h = model.run_layers(model.embed(views["x"]), 0, cfg.model.n_layers, "bidirectional")
+        h = model.run_layers(model.embed(views["x"]), 0, cfg.model.n_layers, cfg.model.attention.attention_mode)
         worst = max(worst, float((h - staged["x"]).abs().max()))
         scale = max(scale, float(staged["x"].abs().max()))
     if worst > TOL[cfg.engine.cache_dtype] * scale:

@@ -29,6 +29,7 @@ class FrozenPrefix:
 
     def __init__(self, cfg: StackWiseConfig, run: RunDir, upto: int, device: torch.device):
         self.device, self.upto = device, upto
+        self.attention_mode = cfg.model.attention.attention_mode
         self.model = StackWiseLM(cfg.model, layers=list(range(upto)))
         for k in range(upto):
             tensors, _ = ckpt.load_tensors(run.layer_ckpt(k))
@@ -53,7 +54,7 @@ class FrozenPrefix:
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.model.embed(ids.to(self.device))
         if not self.on_gpu:
-            return self.model.run_layers(h, 0, self.upto, "bidirectional")
+            return self.model.run_layers(h, 0, self.upto, self.attention_mode)
         nxt = None
         with torch.cuda.stream(self.copy_stream):
             nxt = self._to_device(0) if self.upto else None
@@ -67,7 +68,7 @@ class FrozenPrefix:
             host = {n: p.data for n, p in block.named_parameters()}
             for n, p in block.named_parameters():
                 p.data = cur[n]
-            h = self.model.run_layers(h, k, k + 1, "bidirectional")
+            h = self.model.run_layers(h, k, k + 1, self.attention_mode)
             for n, p in block.named_parameters():
                 p.data = host[n]
         return h

@@ -17,7 +17,7 @@ import torch
 
 from ..config import StackWiseConfig
 from ..data.activations import ShardStream, ShardWriter, read_manifest, to_storage, views_fingerprint
-from ..objective import masked_accuracy, masked_loss
+from ..objective import Objective, masked_accuracy, masked_loss
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier
 from .log import logger, progress_bar
 from .run import RunDir
@@ -27,12 +27,27 @@ _ONE = DistEnv()
 
 def stage_forward(model, batch, layers, device, cfg):
     """(h [B, T, C], logits [B, T, V], per-sequence loss weights [B] or None) of the stage on ``batch``."""
+    objective = stage_objective(cfg)
     x = batch["x"].to(device)
     h = model.embed(x) if layers[0] == 0 else x
-    h = model.run_layers(h, layers[0], layers[-1] + 1, "bidirectional")
+    h = run_stage_layers(model, h, layers, objective.attention_mode, cfg.engine.activation_checkpointing
+                         and torch.is_grad_enabled())
     logits = model.head(h)
-    weights = 1.0 / batch["rate"].to(device) if cfg.objective.loss_weighting == "inv_t" else None
-    return h, logits, weights
+    return h, logits, objective.weights(batch["loss_mask"].to(device))
+
+
+def stage_objective(cfg: StackWiseConfig) -> Objective:
+    """The objective every stage (and the end-to-end baseline) trains with: diffusion on the stored views."""
+    return Objective.from_config(cfg.objective, cfg.model, "diffusion")
+
+
+def run_stage_layers(model, h, layers, attention_mode: str, checkpointing: bool = False):
+    """h [B, T, C] through ``layers``; with ``checkpointing`` each block's activations are recomputed in backward."""
+    if not checkpointing:
+        return model.run_layers(h, layers[0], layers[-1] + 1, attention_mode)
+    for k in layers:
+        h = torch.utils.checkpoint.checkpoint(model.run_layers, h, k, k + 1, attention_mode, use_reentrant=False)
+    return h
 
 
 @torch.no_grad()
@@ -75,7 +90,7 @@ def cache_outputs(model, run: RunDir, layers, device, cfg: StackWiseConfig, env:
         for i, batch in stream.shard_batches(mine):
             x = batch["x"].to(device)
             h = model.embed(x) if layers[0] == 0 else x
-            h = model.run_layers(h, layers[0], k + 1, "bidirectional")
+            h = model.run_layers(h, layers[0], k + 1, cfg.model.attention.attention_mode)
             writer.add({"h": to_storage(h, cfg.engine.cache_dtype)}, index=i)
             if bar:
                 bar.update(x.shape[0] * env.world_size)

@@ -4,7 +4,7 @@
 DeepSpeed does not give all memory back when an engine is destroyed (measured here: ~23 MiB of RSS per stage
 even after ``destroy``, ``gc`` and ``malloc_trim``), and ZeRO-3 fixes its parameter groups at initialize. So
 under a distributed backend every rank's launcher process trains no stage itself: for each stage it runs
-``launchers/train_layer.py --layer K`` as a child process with the rank's own environment and waits for it.
+``python -m stackwise.engine.stage_process --layer K`` as a child process with the rank's own environment and waits for it.
 The children of all ranks form a fresh process group per stage (rendezvous port ``MASTER_PORT + 1 + i`` for
 the i-th stage, with the launcher's agent store switched off), so a stage starts only when every rank's
 previous child has finished: the rendezvous itself is the barrier. A child that fails makes its parent exit
@@ -22,8 +22,8 @@ from .distributed import env_world
 from .log import init_logging, logger
 from .run import RunDir
 
-TRAIN_LAYER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "launchers", "train_layer.py")
+# the stage entry point is a package module, so the package never depends on its own command-line scripts
+STAGE_MODULE = "stackwise.engine.stage_process"
 
 
 def stage_argv(argv: list[str]) -> list[str]:
@@ -58,7 +58,7 @@ def run_stages_in_subprocesses(cfg: StackWiseConfig, argv: list[str]) -> None:
         env["MASTER_PORT"] = str(base_port + 1 + i)
         # the children of all ranks make their own store on the new port (rank 0's child serves it)
         env["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-        cmd = [sys.executable, TRAIN_LAYER, "--layer", str(first), f"--local_rank={local}", *stage_argv(argv)]
+        cmd = [sys.executable, "-m", STAGE_MODULE, "--layer", str(first), f"--local_rank={local}", *stage_argv(argv)]
         if rank == 0:
             logger.info("stage %d/%d (layer %d) in a fresh process group on port %s", i + 1, len(firsts), first,
                         env["MASTER_PORT"])

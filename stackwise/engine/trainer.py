@@ -42,7 +42,8 @@ from .distributed import DistEnv, all_reduce_sum, barrier, distributed
 from .log import MetricsWriter, format_step, logger, progress_bar
 from .recompute import FrozenPrefix
 from .run import RunDir, ensure_views, init_run_dir, require_acts
-from .stage_io import cache_outputs, evaluate_stage, stage_forward
+from .precision import Precision
+from .stage_io import cache_outputs, evaluate_stage, stage_forward, stage_objective
 
 __all__ = ["StageResult", "cache_outputs", "evaluate_stage", "lr_at", "make_optimizer", "train_all", "train_stage",
            "trainable_params"]
@@ -113,10 +114,13 @@ def _stage_model(cfg: StackWiseConfig, run: RunDir, layers: list[int], device) -
         ckpt.load_into(model, carry, run.layer_ckpt(layers[0] - 1), strict=False)
         if cfg.train.stage_zero_init:
             # the new layers start as the identity (residual branches off): the stage begins at the last one's loss
+            # only trained projections: a frozen seeded one is regenerated from its seed by every reader, so
+            # zeroing it would make the checkpoint disagree with the weights the stage trained with
             with torch.no_grad():
                 for k in layers:
                     model.layers[k].attn.o_proj.weight.zero_()
-                    model.layers[k].mlp.down.weight.zero_()
+                    if "down" not in model.layers[k].mlp.frozen:
+                        model.layers[k].mlp.down.weight.zero_()
     return model.to(device)
 
 
@@ -148,6 +152,9 @@ def _save_state(path, params, opt, step, gen_state) -> None:
                 tensors[f"exp_avg_sq/{n}"] = st["exp_avg_sq"]
                 adam_steps[n] = float(st["step"])
     tensors["rng/torch"] = gen_state
+    if torch.cuda.is_available():
+        # dropout on a GPU draws from the CUDA generator: a resumed stage must continue its sequence too
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     import json
 
     ckpt.save_tensors(path, tensors, {"kind": "stage_state", "step": str(step), "adam_steps": json.dumps(adam_steps)})
@@ -171,6 +178,8 @@ def _load_state(path, params, opt) -> int:
                 opt.state[p] = {"step": torch.tensor(adam_steps[n]), "exp_avg": tensors[f"exp_avg/{n}"].to(p.device),
                                 "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device)}
     torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
     return int(meta["step"])
 
 
@@ -276,6 +285,7 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
         return StageResult(layer, 0, float("nan"), vl, va, 0.0, skipped=True)
 
     torch.manual_seed(cfg.train.seed + 1000 * layer)
+    objective = stage_objective(cfg)
     t, state_path = cfg.train, run.resume_state(layer, env.backend)
     recompute = cfg.engine.cache == "recompute" and layer > 0
     prefix = FrozenPrefix(cfg, run, layer, device) if recompute else None
@@ -284,6 +294,7 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
         model = _stage_model(cfg, run, layers, device)
         params = trainable_params(model, layers, cfg)
         opt = make_optimizer(params, cfg)
+        precision = Precision(t.dtype, device)
         n_total, n_train = model.num_params(), sum(p.numel() for p in params.values())
         if t.resume and os.path.isfile(state_path):
             start = _load_state(state_path, params, opt)
@@ -330,21 +341,20 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
             if prefix is not None:
                 batch = dict(batch, x=prefix(batch["x"]))
             if single:
-                _, logits, w = stage_forward(model, batch, layers, device, cfg)
-                loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device), w)
-                (loss / t.grad_accum).backward()
+                with precision.autocast():
+                    _, logits, w = stage_forward(model, batch, layers, device, cfg)
+                    loss = masked_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device), w)
+                precision.backward(loss / t.grad_accum)
             else:
                 lm = batch["loss_mask"].to(device)
-                # global supervised tokens / world: the ranks' mean gradient is the global masked mean's
-                denom = (all_reduce_sum(lm.sum().float()) / env.world_size).clamp_min(1 / env.world_size)
-                w = 1.0 / batch["rate"].to(device) if cfg.objective.loss_weighting == "inv_t" else None
+                w = objective.weights(lm)
+                # the global normaliser / world: the ranks' mean gradient is the gradient of the global loss
+                denom = (all_reduce_sum(objective.normalizer(lm)) / env.world_size).clamp_min(1 / env.world_size)
                 loss = stage(batch["x"].to(device), batch["targets"].to(device), lm, w, denom)
                 stage.backward(loss)
             step_loss += loss.detach() / t.grad_accum
         if single:
-            gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.grad_clip if t.grad_clip > 0 else math.inf)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            gnorm = precision.step(opt, list(params.values()), t.grad_clip)
         else:
             gnorm = stage.finish_step()
         if bar:
@@ -356,7 +366,7 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
             lv = float(all_reduce_sum(step_loss) / (1 if single else env.world_size))  # one sync per log line
             # checked before every resumable save too, so a diverged state never replaces the last good one
             # (single only for gnorm: DeepSpeed may report no norm, and the loss catches it a step later)
-            if not math.isfinite(lv) or (single and not math.isfinite(float(gnorm))):
+            if not math.isfinite(lv) or (single and precision.scaler is None and not math.isfinite(float(gnorm))):
                 what = f"loss became {lv}" if not math.isfinite(lv) else f"gradient norm became {float(gnorm)}"
                 good = (f"the last good resumable checkpoint is {state_path} (step {last_good}); fix the cause and "
                         f"rerun with --resume to continue from it" if last_good else

@@ -243,6 +243,33 @@ def _remove_state(run: RunDir, layer: int, env: DistEnv) -> None:
     barrier()
 
 
+def _rebuild_missing_cache(cfg: StackWiseConfig, run: RunDir, layer: int, env: DistEnv) -> None:
+    """Rebuild layer ``layer - 1``'s activation cache from the checkpoints of layers 0..layer-1 when it is missing.
+
+    ``engine.cache_keep=last`` deletes older caches, so retraining a later stage would otherwise need every earlier
+    stage rerun. Forward only, streamed shard by shard and data-parallel; when a checkpoint is missing nothing is
+    done and :func:`require_acts` names the stage to train.
+    """
+    if run.has_acts(layer - 1) or cfg.engine.cache == "recompute":
+        return
+    if not all(os.path.isfile(run.layer_ckpt(k)) for k in range(layer)):
+        return
+    t0 = time.time()
+    logger.info("layer %d's activation cache is missing: rebuilding it from layers 0..%d (forward only)", layer - 1,
+                layer - 1)
+    prefix = list(range(layer))
+    model = StackWiseLM(cfg.model, layers=prefix)
+    for k in prefix:
+        tensors, _ = ckpt.load_tensors(run.layer_ckpt(k))
+        keep = {n: v for n, v in tensors.items() if n.startswith(f"layers.{k}.") or n == "tok_embeddings.weight"}
+        ckpt.load_into(model, keep, run.layer_ckpt(k), strict=False)
+    model.requires_grad_(False)
+    cache_outputs(model.to(env.device), run, prefix, env.device, cfg, env)
+    del model
+    _release_host_memory()
+    logger.info("rebuilt layer %d's cache in %.1f s", layer - 1, time.time() - t0)
+
+
 def train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv | None = None) -> StageResult:
     """Train the stage that starts at ``layer`` on any backend. See the module docstring.
 
@@ -268,6 +295,7 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     layers = run.stage_layers(layer)
     device, single = env.device, env.backend == "single"
     if layer > 0:
+        _rebuild_missing_cache(cfg, run, layer, env)
         require_acts(run, layer - 1)
     metrics = MetricsWriter(run.root, env.rank)
     done = all(os.path.isfile(run.layer_ckpt(k)) for k in layers) and not run.has_stage_state(layer)

@@ -199,3 +199,31 @@ def test_train_layerwise_runs_each_stage_in_a_fresh_process(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "stage 2/2 (layer 1) in a fresh process group on port 29652" in p.stderr
     assert (out / "fused.safetensors").is_file() and (out / "layer_1.safetensors").is_file()
+
+
+def test_fine_tune_matches_single_process_on_both_backends(tmp_path):
+    """2 ranks x batch 8 (torchrun + FSDP2, deepspeed launcher + ZeRO-3) == one process x batch 16 after fine-tuning."""
+    from stackwise.engine.finetune import fine_tune
+    from stackwise.engine.fuse import fuse
+    from stackwise.engine.trainer import train_all
+
+    base = tmp_path / "base"
+    cfg = _cfg(base, "--train.batch_size=16")
+    train_all(cfg)
+    fuse(cfg)
+    src = os.path.join(base, "fused.safetensors")
+    ft = ["--mode", "clm", f"--checkpoint={src}", "--train.finetune_steps=6", "--train.batch_size=8"]
+    ref = tmp_path / "ref"
+    fine_tune(_cfg(ref, "--mode", "clm", f"--checkpoint={src}", "--train.finetune_steps=6", "--train.batch_size=16"), "clm")
+    p = _torchrun("launchers/fine_tune.py", tmp_path / "fsdp", *ft, "--engine.backend=fsdp", port=29671)
+    _ok(p, "torchrun fsdp fine-tune")
+    p = _deepspeed("launchers/fine_tune.py", tmp_path / "ds", *ft, "--engine.backend=deepspeed", port=29672)
+    _ok(p, "deepspeed fine-tune")
+
+    def model(out):
+        return ckpt.load_tensors(os.path.join(out, "finetuned_clm.safetensors"))[0]
+
+    single = model(ref)
+    _assert_same(model(tmp_path / "fsdp"), single, "fsdp fine-tune vs single")
+    _assert_same(model(tmp_path / "ds"), single, "deepspeed fine-tune vs single")
+    assert not os.path.exists(tmp_path / "ds" / "deepspeed_finetune_clm"), "resume state is removed when done"

@@ -94,3 +94,22 @@ def test_diffusion_fine_tune_honours_loss_weighting(tmp_path):
     plain = fine_tune(cfg, "diffusion")
     weighted = fine_tune(make(tmp_path, "objective.loss_weighting=inv_t"), "diffusion")
     assert plain["val_loss"] != weighted["val_loss"], "objective.loss_weighting must change diffusion fine-tuning"
+
+
+def test_missing_cache_is_rebuilt_from_the_checkpoints(tmp_path):
+    cfg = make(tmp_path, "model.n_layers=3", "engine.cache_keep=last", "train.max_steps=6")
+    train_all(cfg)
+    run = RunDir(cfg)
+    assert not run.has_acts(1) and run.has_acts(2), "cache_keep=last keeps only the last layer's cache"
+    first, _ = ckpt.load_tensors(run.layer_ckpt(2))
+    os.remove(run.layer_ckpt(2))
+    train_stage(cfg, 2)  # needs layer 1's cache: rebuilt from layers 0 and 1, then the stage trains as before
+    again, _ = ckpt.load_tensors(run.layer_ckpt(2))
+    for k in first:
+        assert torch.equal(first[k], again[k]), f"{k} differs after training on a rebuilt cache"
+    os.remove(run.layer_ckpt(2))
+    os.remove(run.layer_ckpt(0))
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="layer 1's activation cache|train_layer.py"):
+        train_stage(cfg, 2)

@@ -252,8 +252,13 @@ def _rebuild_missing_cache(cfg: StackWiseConfig, run: RunDir, layer: int, env: D
     """
     if run.has_acts(layer - 1) or cfg.engine.cache == "recompute":
         return
-    if not all(os.path.isfile(run.layer_ckpt(k)) for k in range(layer)):
-        return
+    missing = [k for k in range(layer) if not os.path.isfile(run.layer_ckpt(k))]
+    if missing:
+        raise FileNotFoundError(
+            f"layer {layer - 1}'s activation cache {os.path.dirname(run.acts(layer - 1, 'train'))} is missing and "
+            f"cannot be rebuilt: {run.layer_ckpt(missing[0])} is missing too; train it first: python "
+            f"launchers/train_layer.py --config {os.path.join(run.root, 'config.yaml')} --layer {missing[0]}"
+        )
     t0 = time.time()
     logger.info("layer %d's activation cache is missing: rebuilding it from layers 0..%d (forward only)", layer - 1,
                 layer - 1)

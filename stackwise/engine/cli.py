@@ -3,8 +3,10 @@
 
 Each shortcut is an alias of one dotted key (STYLE.md section 3):
 --attention_mode -> model.attention.attention_mode, --mode -> objective.fine_tune_mode,
---checkpoint -> train.checkpoint, --dummy -> data.dummy=true, --max_steps -> train.max_steps,
---resume -> train.resume=true. Errors are printed as one line (no traceback) and exit with status 2.
+--checkpoint -> train.checkpoint, --dummy -> data.dummy, --max_steps -> train.max_steps,
+--resume -> train.resume. The boolean shortcuts (--dummy, --resume) alone mean true and also take a value:
+--dummy true, --dummy False, --resume=1, --resume no. Errors are printed as one line (no traceback) and exit
+with status 2.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ ALIASES = {
     "max_steps": "train.max_steps",
 }
 FLAGS = {"dummy": "data.dummy", "resume": "train.resume"}
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
 # FloatingPointError: a diverged stage (the message names the step and the checkpoint to resume from)
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, NotImplementedError, FloatingPointError)
 
@@ -38,8 +42,26 @@ def parser(description: str, *, layer: bool = False) -> argparse.ArgumentParser:
     for name, key in ALIASES.items():
         p.add_argument(f"--{name}", default=None, help=f"alias of --{key}")
     for name, key in FLAGS.items():
-        p.add_argument(f"--{name}", action="store_true", help=f"alias of --{key}=true")
+        p.add_argument(f"--{name}", nargs="?", const=True, default=None, type=_flag_value(name), metavar="BOOL",
+                       help=f"alias of --{key}; alone means true, or give true/false")
     return p
+
+
+def _flag_value(name: str):
+    """argparse ``type`` of a boolean shortcut: true/false words (any case) -> bool, anything else an error."""
+
+    def convert(text: str) -> bool:
+        word = text.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise argparse.ArgumentTypeError(
+            f"expected true or false (also {'/'.join(TRUE_WORDS[1:])} or {'/'.join(FALSE_WORDS[1:])}), "
+            f"got {text!r}; --{name} alone means true")
+
+    convert.__name__ = f"{name} flag"
+    return convert
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, StackWiseConfig]:
@@ -54,8 +76,8 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[ar
         if getattr(args, name) is not None:
             overrides.append(f"--{key}={getattr(args, name)}")
     for name, key in FLAGS.items():
-        if getattr(args, name):
-            overrides.append(f"--{key}=true")
+        if getattr(args, name) is not None:
+            overrides.append(f"--{key}={'true' if getattr(args, name) else 'false'}")
     path = args.config or _default_config()
     cfg = load_config(path, overrides)
     return args, cfg

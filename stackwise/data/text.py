@@ -340,6 +340,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def tokenizer_sha256(path: str | os.PathLike) -> str:
+    """Identity of a tokenizers JSON: sha256 of its canonical JSON (sorted keys, no whitespace).
+
+    Re-saving or re-indenting the file keeps the hash; any change to the vocab, merges, added tokens or
+    normalizer/pre-tokenizer changes it. A file that is not JSON is hashed as bytes.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return hashlib.sha256(raw).hexdigest()
+    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
 def _progress(items: Iterable, desc: str, sources: list[TextSource]) -> Iterable:
     """A tqdm bar when stderr is a terminal, the bare iterable otherwise (logs stay clean)."""
     if not sys.stderr.isatty():

@@ -99,8 +99,55 @@ def load_tensors(path: str, *, device: str | torch.device = "cpu") -> tuple[dict
     return tensors, meta
 
 
+TOKENIZER_KEY = "tokenizer_sha256"
+
+
+def run_tokenizer_path(cfg: StackWiseConfig) -> str:
+    """The run's copy of its tokenizer (``RunDir(cfg).tokenizer``; text data only)."""
+    return os.path.join(cfg.train.out_dir, "tokenizer.json")
+
+
 def config_metadata(cfg: StackWiseConfig) -> dict[str, str]:
-    return {"config": config_to_yaml(cfg)}
+    """The config as YAML, plus ``tokenizer_sha256`` (see ``tokenizer_sha256``) when the run uses text data and
+    its tokenizer is in the run directory; dummy-data runs have no tokenizer and no such field."""
+    meta = {"config": config_to_yaml(cfg)}
+    tok = run_tokenizer_path(cfg)
+    if not cfg.data.dummy and os.path.isfile(tok):
+        from ..data.text import tokenizer_sha256
+
+        meta[TOKENIZER_KEY] = tokenizer_sha256(tok)
+    return meta
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """A checkpoint's metadata alone (no tensors read, no checksum: use ``load_tensors`` for that)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
+
+
+def check_tokenizer(path: str, tokenizer_path: str | None, meta: dict[str, str] | None = None) -> None:
+    """Refuse ``tokenizer_path`` when checkpoint ``path`` records a different tokenizer hash.
+
+    Checkpoints without the field (dummy-data runs, or written before it existed) and a missing
+    ``tokenizer_path`` pass: there is nothing to compare.
+    """
+    meta = read_metadata(path) if meta is None else meta
+    want = meta.get(TOKENIZER_KEY)
+    if not want or not tokenizer_path or not os.path.isfile(tokenizer_path):
+        return
+    from ..data.text import tokenizer_sha256
+
+    got = tokenizer_sha256(tokenizer_path)
+    if got != want:
+        raise CheckpointError(
+            f"tokenizer {tokenizer_path} (sha256 {got[:12]}) is not the one checkpoint {path} was trained with "
+            f"(sha256 {want[:12]}): its vocab, merges or special tokens differ, so token ids would mean other "
+            f"text. Use the tokenizer the checkpoint was trained with (restore the run's tokenizer.json from "
+            f"the run's data directory, data.data_dir, or point data.tokenizer at it), or retrain with this one"
+        )
 
 
 def config_from_metadata(meta: dict[str, str], path: str) -> StackWiseConfig:
@@ -130,9 +177,15 @@ def save_model(path: str, model: StackWiseLM, cfg: StackWiseConfig, extra: dict[
     save_tensors(path, model_state(model), meta)
 
 
-def load_model(path: str, *, device: str | torch.device = "cpu") -> tuple[StackWiseLM, StackWiseConfig]:
-    """Build the model a whole-model checkpoint (fused / fine-tuned) describes and load its weights."""
+def load_model(path: str, *, device: str | torch.device = "cpu",
+               tokenizer: str | None = None) -> tuple[StackWiseLM, StackWiseConfig]:
+    """Build the model a whole-model checkpoint (fused / fine-tuned) describes and load its weights.
+
+    The tokenizer that will feed it (``tokenizer``, else a ``tokenizer.json`` beside the checkpoint, as in a
+    run directory) must match the hash the checkpoint records, if it records one (``check_tokenizer``).
+    """
     tensors, meta = load_tensors(path)
+    check_tokenizer(path, tokenizer or os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.json"), meta)
     cfg = config_from_metadata(meta, path)
     model = StackWiseLM(cfg.model)
     load_into(model, tensors, path)

@@ -12,9 +12,9 @@ from .text import (
     clean_play,
     corpus_files,
     load_tokenizer,
-    tokenizer_sha256,
     prepare_text_data,
     resolve_text_files,
+    tokenizer_sha256,
     train_tokenizer,
 )
 
@@ -31,8 +31,8 @@ __all__ = [
     "clean_play",
     "corpus_files",
     "load_tokenizer",
-    "tokenizer_sha256",
     "prepare_text_data",
     "resolve_text_files",
+    "tokenizer_sha256",
     "train_tokenizer",
 ]

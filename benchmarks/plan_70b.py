@@ -32,12 +32,30 @@ def _max_batch(cfg, **kw) -> int:
     return b
 
 
+def param_counts(m) -> dict[str, int]:
+    """Parameters of one standard/GQA layer and of the embeddings, from the shape alone (checkable by hand).
+
+    layer = q (C*H*D) + k, v (C*Hkv*D each) + o (H*D*C) + gate, up, down (3*C*d_ff) + two RMSNorm weights (2*C);
+    embeddings = vocab*C, once more when the head is not tied.
+    """
+    C, D = m.d_model, m.d_model // m.n_heads
+    attn = 2 * C * m.n_heads * D + 2 * C * m.n_kv_heads * D
+    layer = attn + 3 * C * m.d_ff + 2 * C
+    emb = m.vocab_size * C * (1 if m.tie_embeddings else 2)
+    return {"layer": layer, "layer_attention": attn, "layer_mlp": 3 * C * m.d_ff, "embeddings": emb,
+            "model": m.n_layers * layer + emb + C}
+
+
 def main() -> None:
     cfg = load_config(os.path.join(ROOT, "configs", "llama3_70b.yaml"))
     kw = dict(world_size=1, zero_stage=3, offload_optimizer=False, offload_params=False, dtype="bfloat16")
     stage = plan_stage(cfg, micro_batch=1, seq_len=4096, **kw)
     e2e = plan_end_to_end(cfg, micro_batch=1, seq_len=4096, **kw)
     e2e_frozen = plan_end_to_end(cfg, micro_batch=1, seq_len=4096, keep_frozen_mlp=True, **kw)
+    counts = param_counts(cfg.model)
+    print(f"params: one layer {counts['layer']:,} (attention {counts['layer_attention']:,}, "
+          f"MLP {counts['layer_mlp']:,}, norms {2 * cfg.model.d_model:,}); embeddings {counts['embeddings']:,}; "
+          f"model {counts['model']:,}")
     print(stage.table(unit=GB, unit_name="GB"), "\n")
     print(e2e.table(unit=GB, unit_name="GB"), "\n")
     ratio = e2e.training_state / stage.training_state
@@ -57,7 +75,7 @@ def main() -> None:
     if png:
         print(f"plot: {png}")
     print("JSON " + json.dumps({
-        "stage": json.loads(stage.to_json()), "end_to_end": json.loads(e2e.to_json()),
+        "param_counts": counts, "stage": json.loads(stage.to_json()), "end_to_end": json.loads(e2e.to_json()),
         "end_to_end_frozen_mlp": json.loads(e2e_frozen.to_json()), "stage_fits_80GB": fits,
         "training_state_ratio": ratio, "training_state_ratio_frozen_mlp": ratio_frozen,
         "max_micro_batch_T4096": b_plain, "max_micro_batch_T4096_ckpt": b_ckpt}))

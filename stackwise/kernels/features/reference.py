@@ -7,8 +7,10 @@ Attention weights are replaced by an inner product of feature maps, a(q, k) = ph
 Feature maps, with x' = x * sqrt(scale) (so q'.k' = scale * q.k) and W [D, M] from :func:`draw_features`:
 - ``softmax``: phi(x) = exp(x'W - |x'|^2 / 2) / sqrt(M), positive random features (Choromanski et al. 2021,
   "Rethinking Attention with Performers", FAVOR+) with E[phi(q).phi(k)] = exp(q'.k') for Gaussian W, so the
-  result estimates softmax attention. Stabilised: per query the max over features is subtracted, per
-  (batch, head) the max over all keys and features; both factors cancel exactly in the ratio.
+  result estimates softmax attention. Stabilised: per query the max over features is subtracted; for keys,
+  bidirectional subtracts the max over all keys and features of a (batch, head), causal subtracts for query i
+  the running max m_i = max_{j <= i} r_j of the per-key maxima r_j (see :func:`key_features_causal`), so no
+  future key can push past keys' features to zero. All factors cancel exactly in the ratio.
 - ``trig``: random Fourier features (Rahimi & Recht 2007) on unit-normalised inputs, as in RFA (Peng et al.
   2021): x^ = s * x / |x| with s = sqrt(scale) * D^(1/4) (s = 1 at the default scale), phi(x) =
   [cos(x^W), sin(x^W)] / sqrt(M). For Gaussian W this estimates exp(-|q^-k^|^2 / 2) = exp(s^2 (cos(q, k) - 1)),
@@ -98,6 +100,21 @@ def feature_map_ref(x: torch.Tensor, W: torch.Tensor, *, feature_map: str, scale
     return torch.exp(logits - stab.detach()) / math.sqrt(M)
 
 
+def key_features_causal(x: torch.Tensor, W: torch.Tensor, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal "softmax" key map: own-stabilised features and per-key maxima, both detached-stabilised.
+
+    Returns ``(pk, r)``: pk = exp(l - r) / sqrt(M) [..., T, M] and r = max_f l [..., T] (detached), with
+    l = x'W - |x'|^2 / 2. The weight of key j for query i >= j is ``pq_i . pk_j * exp(r_j - m_i)`` with
+    m_i = cummax(r)_i, i.e. the key features stabilised by the running max over keys <= i only, and the
+    factor exp(r_j - m_i) <= 1 never overflows.
+    """
+    M = W.shape[1]
+    xs = x * math.sqrt(scale)
+    logits = torch.matmul(xs, W.to(xs.dtype)) - 0.5 * (xs * xs).sum(-1, keepdim=True)
+    r = logits.amax(dim=-1).detach()
+    return torch.exp(logits - r.unsqueeze(-1)) / math.sqrt(M), r
+
+
 def _prepare(q, k, v, W, scale, upcast):
     dtype = q.dtype
     if upcast and dtype != torch.float64:
@@ -139,8 +156,17 @@ def feature_attention_ref(
     """
     q, k, v, W, scale, dtype = _prepare(q, k, v, W, scale, upcast)
     pq = feature_map_ref(q, W, feature_map=feature_map, scale=scale, is_query=True)
-    pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)
-    a = torch.matmul(pq, pk.transpose(-1, -2))  # [B, H, T, T]
+    if causal and feature_map == "softmax":
+        # per query i the key stabiliser m_i = max over keys j <= i only: no dependence on the future
+        pk, r = key_features_causal(k, W, scale=scale)
+        m = r.cummax(dim=-1).values
+        T = r.shape[-1]
+        keep = torch.ones(T, T, dtype=torch.bool, device=r.device).tril()
+        expo = torch.where(keep, r.unsqueeze(-2) - m.unsqueeze(-1), float("-inf"))  # [B, H, T, T]
+        a = torch.matmul(pq, pk.transpose(-1, -2)) * torch.exp(expo)
+    else:
+        pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)
+        a = torch.matmul(pq, pk.transpose(-1, -2))  # [B, H, T, T]
     if causal:
         T = a.shape[-1]
         a = a * torch.ones(T, T, dtype=a.dtype, device=a.device).tril()
@@ -209,8 +235,13 @@ def _feature_attention_group(
     G = H // Hkv
     W = W.to(q.dtype)
     pq = feature_map_ref(q, W, feature_map=feature_map, scale=scale, is_query=True)  # [B, H, T, M']
-    # the key stabiliser is a max over all keys of one kv head: the same as over the repeated keys
-    pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)  # [B, Hkv, T, M']
+    stab_causal = causal and feature_map == "softmax"
+    if stab_causal:
+        # own-stabilised key features and per-key maxima r; query i uses the running max m_i over keys <= i
+        pk, r = key_features_causal(k, W, scale=scale)  # [B, Hkv, T, M'], [B, Hkv, T]
+    else:
+        # the key stabiliser is a max over all keys of one kv head: the same as over the repeated keys
+        pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)  # [B, Hkv, T, M']
     Mp = pq.shape[-1]
     pq = pq.view(B, Hkv, G, T, Mp)
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B, Hkv, T, Dv + 1]
@@ -226,11 +257,32 @@ def _feature_attention_group(
         cq = pq.view(B, Hkv, G, n_c, chunk, Mp).transpose(2, 3).reshape(B, Hkv, n_c, G * chunk, Mp)
         ck = pk.view(B, Hkv, n_c, chunk, Mp)
         cv = v1.view(B, Hkv, n_c, chunk, Dv + 1)
-        local = torch.matmul(ck.transpose(-1, -2), cv)  # [B, Hkv, n_c, M', Dv + 1]
-        prefix = torch.cat([torch.zeros_like(local[:, :, :1]), local[:, :, :-1].cumsum(2)], dim=2)
         keep = torch.ones(chunk, chunk, dtype=pq.dtype, device=pq.device).tril().repeat(G, 1)
-        a = torch.matmul(cq, ck.transpose(-1, -2)) * keep  # [B, Hkv, n_c, G * chunk, chunk]
-        nd = torch.matmul(cq, prefix) + torch.matmul(a, cv)  # [B, Hkv, n_c, G * chunk, Dv + 1]
+        if not stab_causal:
+            local = torch.matmul(ck.transpose(-1, -2), cv)  # [B, Hkv, n_c, M', Dv + 1]
+            prefix = torch.cat([torch.zeros_like(local[:, :, :1]), local[:, :, :-1].cumsum(2)], dim=2)
+            a = torch.matmul(cq, ck.transpose(-1, -2)) * keep  # [B, Hkv, n_c, G * chunk, chunk]
+            inter = torch.matmul(cq, prefix)
+        else:
+            # padded keys: r = -inf (weight 0); m = cummax(r) is non-decreasing, m_end[c] = m at chunk c's last row
+            r = torch.nn.functional.pad(r, (0, pad), value=float("-inf")).view(B, Hkv, n_c, chunk)
+            m = r.flatten(2).cummax(dim=-1).values.view(B, Hkv, n_c, chunk)
+            m_end = m[..., -1]  # [B, Hkv, n_c]
+            # chunk c's state at base m_end[c]; prefix[c] = state of chunks < c at base m_end[c - 1],
+            # rescaled by exp(old base - new base) <= 1 whenever the running max grows
+            local = torch.matmul((ck * torch.exp(r - m_end.unsqueeze(-1)).unsqueeze(-1)).transpose(-1, -2), cv)
+            prefix = [torch.zeros_like(local[:, :, 0])]
+            for c in range(1, n_c):
+                step = torch.exp(m_end[:, :, c - 2] - m_end[:, :, c - 1]) if c > 1 else None
+                prev = prefix[-1] * step[..., None, None] if step is not None else prefix[-1]
+                prefix.append(prev + local[:, :, c - 1])
+            prefix = torch.stack(prefix, dim=2)  # [B, Hkv, n_c, M', Dv + 1]
+            base = torch.cat([torch.full_like(m_end[:, :, :1], float("-inf")), m_end[:, :, :-1]], dim=2)
+            mq = m.unsqueeze(3).expand(B, Hkv, n_c, G, chunk).reshape(B, Hkv, n_c, G * chunk)  # rows of cq
+            inter = torch.matmul(cq, prefix) * torch.exp(base.unsqueeze(-1) - mq).unsqueeze(-1)
+            expo = torch.where(keep.bool(), r.unsqueeze(-2) - mq.unsqueeze(-1), float("-inf"))
+            a = torch.matmul(cq, ck.transpose(-1, -2)) * torch.exp(expo)  # [B, Hkv, n_c, G * chunk, chunk]
+        nd = inter + torch.matmul(a, cv)  # [B, Hkv, n_c, G * chunk, Dv + 1]
         nd = nd.view(B, Hkv, n_c, G, chunk, Dv + 1).transpose(2, 3).reshape(B, Hkv, G, n_c * chunk, Dv + 1)
         nd = nd[:, :, :, :T]
     out = nd[..., :Dv] / nd[..., Dv:].clamp_min(eps)  # [B, Hkv, G, T, Dv]

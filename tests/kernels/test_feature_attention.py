@@ -208,3 +208,76 @@ def test_feature_bad_inputs(api, change, match):
     fn = triton_feature_attention if api == "kernel" else lambda *a, **kw: feature_attention(*a, **kw, backend="triton")
     with pytest.raises(ValueError, match=match):
         fn(args["q"], args["k"], args["v"], args["W"], causal=True, feature_map=args["feature_map"])
+
+
+def _no_lookahead_inputs(T, P, D, future):
+    """Past keys of norm 34 (features far below a key-global max), future keys/values per ``future``."""
+    H, Hkv, Dv = 4, 2, 16
+    q = torch.randn(1, H, T, D)
+    k = torch.randn(1, Hkv, T, D)
+    k = k / k.norm(dim=-1, keepdim=True) * 34.0
+    v = torch.randn(1, Hkv, T, Dv)
+    do = torch.randn(1, H, T, Dv)
+    do[:, :, P:] = 0  # the loss sees past outputs only
+    k2, v2 = k.clone(), v.clone()
+    fk = torch.randn(1, Hkv, T - P, D)
+    if future == "small":
+        # the issue's case: later keys of norm 6 have a much larger stabiliser than the earlier ones
+        k2[:, :, P:] = fk / fk.norm(dim=-1, keepdim=True) * 6.0
+    elif future == "aligned":
+        # keys that maximise x'W - |x'|^2 / 2 for one feature column: the largest possible key max
+        W = draw_features(D, 64, family="orthogonal", seed=5)
+        best = W.norm(dim=0).argmax()
+        k2[:, :, P:] = (W[:, best] / D**-0.25).expand_as(fk)
+    else:
+        # huge norms and values: a global stabiliser would overflow or underflow the past
+        k2[:, :, P:] = fk * 1e3
+        v2[:, :, P:] = torch.randn(1, Hkv, T - P, Dv) * 1e4
+    return q, (k, v), (k2, v2), do
+
+
+@pytest.mark.parametrize("future", ["small", "aligned", "huge"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "ref"])
+def test_causal_no_lookahead(backend, future):
+    """Causal outputs and gradients at positions < P do not change when keys/values at >= P change.
+
+    Regression: the "softmax" key stabiliser was a max over all T keys, so a later key could push earlier keys'
+    features to exactly 0.0 in float32 (outputs 0.0 on the full sequence, nonzero on the prefix alone).
+    T 150 spans the Triton chunks (64) and segments (128 under the interpreter); P 70 sits inside a chunk.
+    """
+    T, P, D = 150, 70, 16
+    W = draw_features(D, 64, family="orthogonal", seed=5)
+    q, (k, v), (k2, v2), do = _no_lookahead_inputs(T, P, D, future)
+
+    def run(q, k, v, do):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        if backend == "ref":
+            o = feature_attention_ref(*leaves, W, causal=True)
+        else:
+            o = feature_attention(*leaves, W, causal=True, feature_map="softmax", backend=backend)
+        o.backward(do)
+        return [o.detach()] + [x.grad for x in leaves]
+
+    base, pert = run(q, k, v, do), run(q, k2, v2, do)
+    prefix = run(q[:, :, :P], k[:, :, :P], v[:, :, :P], do[:, :, :P])
+    assert base[0][:, :, :P].abs().amax(-1).min() > 0, "past outputs underflowed to 0"
+    for name, a, b, c in zip(("o", "dq", "dk", "dv"), base, pert, prefix):
+        assert torch.isfinite(b).all(), f"{name} non-finite after perturbing the future"
+        assert_close(f"{name} (future changed)", a[:, :, :P], b[:, :, :P], 1e-6, atol=1e-7)
+        assert_close(f"{name} (prefix alone)", c, b[:, :, :P], 1e-6, atol=1e-7)
+
+
+def test_causal_no_lookahead_issue_case():
+    """The reported case: 6 keys of norm 34, then 6 of norm 6 (D 16, M 64): outputs 0-5 equal the prefix's."""
+    D = 16
+    W = draw_features(D, 64, seed=0)
+    k = torch.randn(1, 1, 12, D)
+    k = k / k.norm(dim=-1, keepdim=True)
+    k[:, :, :6] *= 34
+    k[:, :, 6:] *= 6
+    q, v = torch.randn(1, 1, 12, D), torch.randn(1, 1, 12, D)
+    for backend in ("torch", "triton"):
+        full = feature_attention(q, k, v, W, causal=True, backend=backend)
+        pre = feature_attention(q[:, :, :6], k[:, :, :6], v[:, :, :6], W, causal=True, backend=backend)
+        assert full[:, :, :6].abs().amax(-1).min() > 0, f"{backend}: past outputs are 0.0"
+        assert_close(f"{backend} o[:6]", pre, full[:, :, :6], 1e-6, atol=1e-7)

@@ -110,6 +110,13 @@ def _load_rows(base, rows, row_mask, offs_d, D: tl.constexpr):
 
 
 @triton.jit
+def _load_m(MR, bhkv, T, row):
+    """The running key max m at ``row`` of kv head ``bhkv`` (a scalar); -inf for row -1 (empty prefix)."""
+    val = tl.load(MR + bhkv * T + tl.maximum(row, 0))
+    return tl.where(row >= 0, val, float("-inf"))
+
+
+@triton.jit
 def _feature_key_max_kernel(
     K, W, PMAX, T, x_scale,
     D: tl.constexpr, M: tl.constexpr,
@@ -117,7 +124,6 @@ def _feature_key_max_kernel(
 ):  # fmt: skip
     pid_t = tl.program_id(0).to(tl.int64)
     bhkv = tl.program_id(1).to(tl.int64)
-    n_t = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_f = tl.arange(0, BLOCK_F)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -126,13 +132,13 @@ def _feature_key_max_kernel(
     xs = _load_rows(K + bhkv * T * D, rows, row_mask, offs_d, D) * x_scale
     logits = tl.dot(xs, w, input_precision=PREC) - 0.5 * tl.sum(xs * xs, 1)[:, None]  # [BLOCK_T, BLOCK_F]
     logits = tl.where(row_mask[:, None] & (offs_f < M)[None, :], logits, float("-inf"))
-    tl.store(PMAX + bhkv * n_t + pid_t, tl.max(tl.max(logits, 1), 0))
+    tl.store(PMAX + bhkv * T + rows, tl.max(logits, 1), mask=row_mask)
 
 
 @triton.jit
 def _feature_attention_fwd_kernel_state(
-    K, V, W, GMAX, S, Z, T, x_scale, inv_sqrt_m, CPS,
-    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, IS_TRIG: tl.constexpr,
+    K, V, W, GMAX, RK, MR, S, Z, T, x_scale, inv_sqrt_m, CPS,
+    D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, IS_TRIG: tl.constexpr, RUN_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
@@ -151,12 +157,18 @@ def _feature_attention_fwd_kernel_state(
     z = tl.zeros([BLOCK_F], dtype=tl.float32)
     lo = pid_s * CPS
     hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    if RUN_MAX:
+        # the segment's state at base m (running key max) at its last row
+        base = _load_m(MR, bhkv, T, tl.minimum(hi * BLOCK_T, T) - 1)
     for c in range(lo, hi):
         rows = c * BLOCK_T + offs_t
         row_mask = rows < T
         k = _load_rows(k_base, rows, row_mask, offs_d, D)  # [BLOCK_T, BLOCK_D]
         v = _load_rows(v_base, rows, row_mask, offs_dv, DV)  # [BLOCK_T, BLOCK_DV]
-        pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+        pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
+        if RUN_MAX:
+            r = tl.load(RK + bhkv * T + rows, mask=row_mask, other=float("-inf"))
+            pk = pk * tl.exp(r - base)[:, None]
         st += tl.dot(tl.trans(pk), v, input_precision=PREC)
         z += tl.sum(pk, 0)
     idx = pid_s * n_bhkv + bhkv
@@ -166,10 +178,10 @@ def _feature_attention_fwd_kernel_state(
 
 @triton.jit
 def _feature_attention_fwd_kernel(
-    Q, K, V, W, GMAX, S, Z, Out,
+    Q, K, V, W, GMAX, RK, MR, S, Z, Out,
     H, HKV, T, x_scale, inv_sqrt_m, eps, CPS,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
-    IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr,
+    IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr, RUN_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
@@ -195,6 +207,9 @@ def _feature_attention_fwd_kernel(
     v_base = V + bhkv * T * DV
     lo = pid_s * CPS
     hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    if RUN_MAX:
+        # the prefix state's base: the running key max just before this segment
+        mprev = _load_m(MR, bhkv, T, lo * BLOCK_T - 1)
     for c in range(lo, hi):
         rows = c * BLOCK_T + offs_t
         row_mask = rows < T
@@ -202,16 +217,34 @@ def _feature_attention_fwd_kernel(
         pq = _phi_fwd(q, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)  # [BLOCK_T, BLOCK_F]
         num = tl.dot(pq, st, input_precision=PREC)  # [BLOCK_T, BLOCK_DV]
         den = tl.sum(pq * z[None, :], 1)  # [BLOCK_T]
+        if RUN_MAX:
+            # query i sees keys <= i at base m_i (+inf on padded rows: weight 0, never inf * 0)
+            mi = tl.load(MR + bhkv * T + rows, mask=row_mask, other=float("inf"))
+            r = tl.load(RK + bhkv * T + rows, mask=row_mask, other=float("-inf"))
+            sc = tl.exp(mprev - mi)
+            num = num * sc[:, None]
+            den = den * sc
         if CAUSAL:
             k = _load_rows(k_base, rows, row_mask, offs_d, D)
             v = _load_rows(v_base, rows, row_mask, offs_dv, DV)
-            pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+            pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
             a = tl.dot(pq, tl.trans(pk), input_precision=PREC)  # [BLOCK_T, BLOCK_T]
+            if RUN_MAX:
+                cw = tl.exp(tl.where(rows[:, None] >= rows[None, :], r[None, :] - mi[:, None], float("-inf")))
+                a = a * cw
             a = tl.where(rows[:, None] >= rows[None, :], a, 0.0)
             num += tl.dot(a, v, input_precision=PREC)
             den += tl.sum(a, 1)
-            st += tl.dot(tl.trans(pk), v, input_precision=PREC)
-            z += tl.sum(pk, 0)
+            if RUN_MAX:
+                mnew = _load_m(MR, bhkv, T, tl.minimum(c * BLOCK_T + BLOCK_T, T) - 1)
+                grow = tl.exp(mprev - mnew)
+                pkw = pk * tl.exp(r - mnew)[:, None]
+                st = st * grow + tl.dot(tl.trans(pkw), v, input_precision=PREC)
+                z = z * grow + tl.sum(pkw, 0)
+                mprev = mnew
+            else:
+                st += tl.dot(tl.trans(pk), v, input_precision=PREC)
+                z += tl.sum(pk, 0)
         o = num / tl.maximum(den, eps)[:, None]
         o_ptrs = Out + bh * T * DV + rows[:, None] * DV + offs_dv[None, :]
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_mask[:, None] & (offs_dv < DV)[None, :])
@@ -219,10 +252,10 @@ def _feature_attention_fwd_kernel(
 
 @triton.jit
 def _feature_attention_bwd_kernel_dq(
-    Q, K, V, W, GMAX, S, Z, DO, DQ, HH, RDEN,
+    Q, K, V, W, GMAX, RK, MR, S, Z, DO, DQ, HH, RDEN,
     H, HKV, T, x_scale, inv_sqrt_m, eps, CPS,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
-    IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr,
+    IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr, RUN_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
@@ -247,6 +280,8 @@ def _feature_attention_bwd_kernel_dq(
     v_base = V + bhkv * T * DV
     lo = pid_s * CPS
     hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    if RUN_MAX:
+        mprev = _load_m(MR, bhkv, T, lo * BLOCK_T - 1)
     for c in range(lo, hi):
         rows = c * BLOCK_T + offs_t
         row_mask = rows < T
@@ -255,12 +290,21 @@ def _feature_attention_bwd_kernel_dq(
         pq = _phi_fwd(q, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
         num = tl.dot(pq, st, input_precision=PREC)
         den = tl.sum(pq * z[None, :], 1)
+        if RUN_MAX:
+            mi = tl.load(MR + bhkv * T + rows, mask=row_mask, other=float("inf"))
+            r = tl.load(RK + bhkv * T + rows, mask=row_mask, other=float("-inf"))
+            sc = tl.exp(mprev - mi)
+            num = num * sc[:, None]
+            den = den * sc
         if CAUSAL:
             k = _load_rows(k_base, rows, row_mask, offs_d, D)
             v = _load_rows(v_base, rows, row_mask, offs_dv, DV)
-            pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+            pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
             causal = rows[:, None] >= rows[None, :]
             a = tl.where(causal, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)  # [BLOCK_T, BLOCK_T]
+            if RUN_MAX:
+                cw = tl.exp(tl.where(causal, r[None, :] - mi[:, None], float("-inf")))
+                a = a * cw
             num += tl.dot(a, v, input_precision=PREC)
             den += tl.sum(a, 1)
         rden = 1.0 / tl.maximum(den, eps)
@@ -268,11 +312,23 @@ def _feature_attention_bwd_kernel_dq(
         # the clamp passes no gradient to den where it is active
         hh = tl.where(den >= eps, -tl.sum(g * num, 1) * rden, 0.0)  # [BLOCK_T]
         dpq = tl.dot(g, tl.trans(st), input_precision=PREC) + hh[:, None] * z[None, :]  # [BLOCK_T, BLOCK_F]
+        if RUN_MAX:
+            dpq = dpq * sc[:, None]
         if CAUSAL:
             mm = tl.where(causal, tl.dot(g, tl.trans(v), input_precision=PREC) + hh[:, None], 0.0)
+            if RUN_MAX:
+                mm = mm * cw
             dpq += tl.dot(mm, pk, input_precision=PREC)
-            st += tl.dot(tl.trans(pk), v, input_precision=PREC)
-            z += tl.sum(pk, 0)
+            if RUN_MAX:
+                mnew = _load_m(MR, bhkv, T, tl.minimum(c * BLOCK_T + BLOCK_T, T) - 1)
+                grow = tl.exp(mprev - mnew)
+                pkw = pk * tl.exp(r - mnew)[:, None]
+                st = st * grow + tl.dot(tl.trans(pkw), v, input_precision=PREC)
+                z = z * grow + tl.sum(pkw, 0)
+                mprev = mnew
+            else:
+                st += tl.dot(tl.trans(pk), v, input_precision=PREC)
+                z += tl.sum(pk, 0)
         dq = _phi_bwd(q, w, row_mask, offs_f, dpq, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
         tl.store(
             DQ + bh * T * D + rows[:, None] * D + offs_d[None, :],
@@ -285,9 +341,10 @@ def _feature_attention_bwd_kernel_dq(
 
 @triton.jit
 def _feature_attention_bwd_kernel_state(
-    Q, W, DO, HH, RDEN, R, RZ,
+    Q, W, MR, DO, HH, RDEN, R, RZ,
     H, HKV, T, x_scale, inv_sqrt_m, CPS,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, IS_TRIG: tl.constexpr,
+    RUN_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
@@ -305,9 +362,16 @@ def _feature_attention_bwd_kernel_state(
     rz = tl.zeros([BLOCK_F], dtype=tl.float32)
     lo = pid_s * CPS
     hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    if RUN_MAX:
+        # the segment's state at base m at its first row (m is non-decreasing, so every weight is <= 1)
+        base = _load_m(MR, bhkv, T, lo * BLOCK_T)
     for c in range(lo, hi):
         rows = c * BLOCK_T + offs_t
         row_mask = rows < T
+        if RUN_MAX:
+            wq = tl.exp(base - tl.load(MR + bhkv * T + rows, mask=row_mask, other=float("inf")))
+        else:
+            wq = tl.where(row_mask, 1.0, 0.0)
         # the group's query heads in a fixed order (deterministic sum)
         for g_idx in range(GROUP):
             bh = b * H + hkv * GROUP + g_idx
@@ -316,8 +380,8 @@ def _feature_attention_bwd_kernel_state(
             do = _load_rows(DO + bh * T * DV, rows, row_mask, offs_dv, DV)
             rden = tl.load(RDEN + bh * T + rows, mask=row_mask, other=0.0)
             hh = tl.load(HH + bh * T + rows, mask=row_mask, other=0.0)
-            rs += tl.dot(tl.trans(pq), do * rden[:, None], input_precision=PREC)
-            rz += tl.sum(pq * hh[:, None], 0)
+            rs += tl.dot(tl.trans(pq), do * (rden * wq)[:, None], input_precision=PREC)
+            rz += tl.sum(pq * (hh * wq)[:, None], 0)
     idx = pid_s * n_bhkv + bhkv
     tl.store(R + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :], rs)
     tl.store(RZ + idx * BLOCK_F + offs_f, rz)
@@ -325,10 +389,10 @@ def _feature_attention_bwd_kernel_state(
 
 @triton.jit
 def _feature_attention_bwd_kernel_dkv(
-    Q, K, V, W, GMAX, R, RZ, DO, HH, RDEN, DK, DV_,
+    Q, K, V, W, GMAX, RK, MR, R, RZ, DO, HH, RDEN, DK, DV_,
     H, HKV, T, x_scale, inv_sqrt_m, CPS,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
-    IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr,
+    IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr, RUN_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
@@ -353,6 +417,9 @@ def _feature_attention_bwd_kernel_dkv(
     v_base = V + bhkv * T * DV
     lo = pid_s * CPS
     hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
+    if RUN_MAX:
+        # the suffix state's base: m at the first row after this segment (at the last row for the last one)
+        mb = _load_m(MR, bhkv, T, tl.minimum(hi * BLOCK_T, T - 1))
     # chunks in reverse: the state holds the queries after the current chunk
     for i in range(0, hi - lo):
         c = hi - 1 - i
@@ -360,12 +427,27 @@ def _feature_attention_bwd_kernel_dkv(
         row_mask = rows < T
         k = _load_rows(k_base, rows, row_mask, offs_d, D)
         v = _load_rows(v_base, rows, row_mask, offs_dv, DV)  # [BLOCK_T, BLOCK_DV]
-        pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+        pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
         dpk = tl.dot(v, tl.trans(rs), input_precision=PREC) + rz[None, :]  # [BLOCK_T, BLOCK_F]
         dv = tl.dot(pk, rs, input_precision=PREC)  # [BLOCK_T, BLOCK_DV]
+        if RUN_MAX:
+            r = tl.load(RK + bhkv * T + rows, mask=row_mask, other=float("-inf"))
+            mi = tl.load(MR + bhkv * T + rows, mask=row_mask, other=float("inf"))
+            wk = tl.exp(r - mb)
+            dpk = dpk * wk[:, None]
+            dv = dv * wk[:, None]
+            # rebase the state to m at this chunk's first row before adding the chunk's queries
+            mb_new = _load_m(MR, bhkv, T, c * BLOCK_T)
+            shrink = tl.exp(mb_new - mb)
+            rs = rs * shrink
+            rz = rz * shrink
+            mb = mb_new
+            wq = tl.exp(mb - mi)
         if CAUSAL:
             # causal[i, j]: query row i sees key row j
             causal = rows[:, None] >= rows[None, :]
+            if RUN_MAX:
+                cw = tl.exp(tl.where(causal, r[None, :] - mi[:, None], float("-inf")))
             for g_idx in range(GROUP):
                 bh = b * H + hkv * GROUP + g_idx
                 q = _load_rows(Q + bh * T * D, rows, row_mask, offs_d, D)
@@ -375,12 +457,20 @@ def _feature_attention_bwd_kernel_dkv(
                 hh = tl.load(HH + bh * T + rows, mask=row_mask, other=0.0)
                 g = do * rden[:, None]  # [BLOCK_T, BLOCK_DV]
                 mm = tl.where(causal, tl.dot(g, tl.trans(v), input_precision=PREC) + hh[:, None], 0.0)
-                dpk += tl.dot(tl.trans(mm), pq, input_precision=PREC)
                 a = tl.where(causal, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)  # [BLOCK_T, BLOCK_T]
+                if RUN_MAX:
+                    mm = mm * cw
+                    a = a * cw
+                    g_s = g * wq[:, None]
+                    hh_s = hh * wq
+                else:
+                    g_s = g
+                    hh_s = hh
+                dpk += tl.dot(tl.trans(mm), pq, input_precision=PREC)
                 dv += tl.dot(tl.trans(a), g, input_precision=PREC)
-                rs += tl.dot(tl.trans(pq), g, input_precision=PREC)
-                rz += tl.sum(pq * hh[:, None], 0)
-        dk = _phi_bwd(k, w, row_mask, offs_f, dpk, stab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+                rs += tl.dot(tl.trans(pq), g_s, input_precision=PREC)
+                rz += tl.sum(pq * hh_s[:, None], 0)
+        dk = _phi_bwd(k, w, row_mask, offs_f, dpk, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
         tl.store(
             DK + bhkv * T * D + rows[:, None] * D + offs_d[None, :],
             dk.to(DK.dtype.element_ty),
@@ -455,6 +545,8 @@ class _Plan:
             self.cps = triton.cdiv(n_blocks, splits)
         self.n_split = triton.cdiv(n_blocks, self.cps)
         self.num_warps = 4 if self.BLOCK_F * self.BLOCK_DV <= 64 * 64 else 8
+        # causal "softmax": per-query running key max instead of the global one (no look-ahead)
+        self.run_max = self.causal and not self.is_trig
 
     def meta(self) -> dict:
         return dict(
@@ -463,18 +555,60 @@ class _Plan:
         )  # fmt: skip
 
 
-def _key_max(k: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """The "softmax" map's global key stabiliser [B * Hkv] (zeros for "trig", which needs none)."""
+def _key_max(k: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "softmax" map's key stabilisers: (global max [B * Hkv], per-key max r, running max m [B * Hkv, T]).
+
+    Bidirectional uses the global max (zeros for "trig", which needs none). Causal "softmax" uses r and
+    m = cummax(r): query i only sees keys <= i, so its stabiliser must not depend on later keys.
+    """
     n_kv = plan.B * plan.HKV
     if plan.is_trig:
-        return torch.zeros(n_kv, device=k.device, dtype=torch.float32)
+        zero = torch.zeros(n_kv, device=k.device, dtype=torch.float32)
+        return zero, zero, zero
     n_t = triton.cdiv(plan.T, plan.BLOCK_T)
-    pmax = torch.empty(n_kv, n_t, device=k.device, dtype=torch.float32)
+    pmax = torch.empty(n_kv, plan.T, device=k.device, dtype=torch.float32)
     _feature_key_max_kernel[(n_t, n_kv)](
         k, plan.w, pmax, plan.T, plan.x_scale, D=plan.D, M=plan.M, BLOCK_T=plan.BLOCK_T, BLOCK_D=plan.BLOCK_D,
         BLOCK_F=plan.BLOCK_F, PREC=plan.prec, num_warps=plan.num_warps,
     )  # fmt: skip
-    return pmax.amax(dim=1)
+    if plan.run_max:
+        return pmax[:, 0].contiguous(), pmax, pmax.cummax(dim=1).values.contiguous()
+    gmax = pmax.amax(dim=1)
+    return gmax, gmax, gmax
+
+
+def _prefix_rebased(part: torch.Tensor, m: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Causal "softmax": exclusive prefix sums of segment states, each segment's at base m at its last row.
+
+    Segment s's prefix is returned at base m just before the segment; an older state is scaled by
+    exp(old base - new base) <= 1 when the running max grows (flash attention's running-max rescale).
+    """
+    ends = [min((s + 1) * plan.cps * plan.BLOCK_T, plan.T) - 1 for s in range(plan.n_split)]
+    extra = (1,) * (part.dim() - 2)
+    out = [torch.zeros_like(part[0])]
+    for s in range(1, plan.n_split):
+        prev = out[-1]
+        if s > 1:
+            prev = prev * torch.exp(m[:, ends[s - 2]] - m[:, ends[s - 1]]).view(-1, *extra)
+        out.append(prev + part[s - 1])
+    return torch.stack(out, dim=0)
+
+
+def _suffix_rebased(part: torch.Tensor, m: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Causal "softmax": exclusive suffix sums of segment states, each segment's at base m at its first row.
+
+    Segment s's suffix is returned at base m at the first row of segment s + 1 (m at the last row for the
+    last segment, whose suffix is empty); m is non-decreasing, so every rescale factor is <= 1.
+    """
+    n = plan.n_split
+    firsts = [s * plan.cps * plan.BLOCK_T for s in range(n)]
+    bases = [min((s + 1) * plan.cps * plan.BLOCK_T, plan.T - 1) for s in range(n)]
+    extra = (1,) * (part.dim() - 2)
+    out = [torch.zeros_like(part[0])]
+    for s in range(n - 2, -1, -1):
+        nxt = out[-1] * torch.exp(m[:, bases[s]] - m[:, bases[s + 1]]).view(-1, *extra)
+        out.append(nxt + part[s + 1] * torch.exp(m[:, bases[s]] - m[:, firsts[s + 1]]).view(-1, *extra))
+    return torch.stack(out[::-1], dim=0)
 
 
 def _segment_scan(x: torch.Tensor, causal: bool, reverse: bool) -> torch.Tensor:
@@ -498,29 +632,35 @@ def feature_attention_fwd(
         plan: shapes, blocks and the padded projection (:class:`_Plan`).
 
     Returns:
-        tuple: o [B, H, T, Dv] (q's dtype), the key stabiliser [B * Hkv], and the states the output pass read:
-        S [n, B * Hkv, F', Dv'] and z [n, B * Hkv, F'] (n = 1 bidirectional, n_split causal; padded, fp32).
+        tuple: o [B, H, T, Dv] (q's dtype), the key stabilisers (global [B * Hkv], per-key r and running m
+        [B * Hkv, T]), and the states the output pass read: S [n, B * Hkv, F', Dv'] and z [n, B * Hkv, F']
+        (n = 1 bidirectional, n_split causal; padded, fp32).
     """
     p = plan
-    gmax = _key_max(k, p)
+    gmax, rk, mr = _key_max(k, p)
     n_kv = p.B * p.HKV
     s_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, p.BLOCK_DV, device=q.device, dtype=torch.float32)
     z_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, device=q.device, dtype=torch.float32)
     _feature_attention_fwd_kernel_state[(p.n_split, n_kv)](
-        k, v, p.w, gmax, s_part, z_part, p.T, p.x_scale, p.inv_sqrt_m, p.cps, **p.meta()
+        k, v, p.w, gmax, rk, mr, s_part, z_part, p.T, p.x_scale, p.inv_sqrt_m, p.cps, RUN_MAX=p.run_max,
+        **p.meta()
     )
-    s_state = _segment_scan(s_part, p.causal, reverse=False).contiguous()
-    z_state = _segment_scan(z_part, p.causal, reverse=False).contiguous()
+    if p.run_max:
+        s_state = _prefix_rebased(s_part, mr, p).contiguous()
+        z_state = _prefix_rebased(z_part, mr, p).contiguous()
+    else:
+        s_state = _segment_scan(s_part, p.causal, reverse=False).contiguous()
+        z_state = _segment_scan(z_part, p.causal, reverse=False).contiguous()
     o = torch.empty(p.B, p.H, p.T, p.DV, device=q.device, dtype=q.dtype)
     # bidirectional chunks are independent: one program per chunk
     cps = p.cps if p.causal else 1
     n_prog = p.n_split if p.causal else triton.cdiv(p.T, p.BLOCK_T)
     _feature_attention_fwd_kernel[(n_prog, p.B * p.H)](
-        q, k, v, p.w, gmax, s_state, z_state, o,
+        q, k, v, p.w, gmax, rk, mr, s_state, z_state, o,
         p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, EPS, cps,
-        GROUP=p.H // p.HKV, CAUSAL=p.causal, **p.meta(),
+        GROUP=p.H // p.HKV, CAUSAL=p.causal, RUN_MAX=p.run_max, **p.meta(),
     )  # fmt: skip
-    return o, gmax, s_state, z_state
+    return o, (gmax, rk, mr), s_state, z_state
 
 
 def feature_attention_bwd(
@@ -528,7 +668,7 @@ def feature_attention_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    gmax: torch.Tensor,
+    stabs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     s_state: torch.Tensor,
     z_state: torch.Tensor,
     plan: _Plan,
@@ -538,13 +678,14 @@ def feature_attention_bwd(
     Args:
         do (torch.Tensor): [B, H, T, Dv] contiguous upstream gradient.
         q, k, v (torch.Tensor): the contiguous forward inputs.
-        gmax, s_state, z_state: from :func:`feature_attention_fwd`.
+        stabs, s_state, z_state: from :func:`feature_attention_fwd`.
         plan: the forward's :class:`_Plan`.
 
     Returns:
         tuple: dq [B, H, T, D], dk [B, Hkv, T, D], dv [B, Hkv, T, Dv] in the input dtype.
     """
     p = plan
+    gmax, rk, mr = stabs
     n_kv = p.B * p.HKV
     group = p.H // p.HKV
     cps = p.cps if p.causal else 1
@@ -553,24 +694,28 @@ def feature_attention_bwd(
     hh = torch.empty(p.B, p.H, p.T, device=q.device, dtype=torch.float32)
     rden = torch.empty(p.B, p.H, p.T, device=q.device, dtype=torch.float32)
     _feature_attention_bwd_kernel_dq[(n_prog, p.B * p.H)](
-        q, k, v, p.w, gmax, s_state, z_state, do, dq, hh, rden,
+        q, k, v, p.w, gmax, rk, mr, s_state, z_state, do, dq, hh, rden,
         p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, EPS, cps,
-        GROUP=group, CAUSAL=p.causal, **p.meta(),
+        GROUP=group, CAUSAL=p.causal, RUN_MAX=p.run_max, **p.meta(),
     )  # fmt: skip
     r_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, p.BLOCK_DV, device=q.device, dtype=torch.float32)
     rz_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, device=q.device, dtype=torch.float32)
     _feature_attention_bwd_kernel_state[(p.n_split, n_kv)](
-        q, p.w, do, hh, rden, r_part, rz_part, p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, p.cps,
-        GROUP=group, **p.meta(),
+        q, p.w, mr, do, hh, rden, r_part, rz_part, p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, p.cps,
+        GROUP=group, RUN_MAX=p.run_max, **p.meta(),
     )  # fmt: skip
-    r_state = _segment_scan(r_part, p.causal, reverse=True).contiguous()
-    rz_state = _segment_scan(rz_part, p.causal, reverse=True).contiguous()
+    if p.run_max:
+        r_state = _suffix_rebased(r_part, mr, p).contiguous()
+        rz_state = _suffix_rebased(rz_part, mr, p).contiguous()
+    else:
+        r_state = _segment_scan(r_part, p.causal, reverse=True).contiguous()
+        rz_state = _segment_scan(rz_part, p.causal, reverse=True).contiguous()
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _feature_attention_bwd_kernel_dkv[(n_prog if p.causal else triton.cdiv(p.T, p.BLOCK_T), n_kv)](
-        q, k, v, p.w, gmax, r_state, rz_state, do, hh, rden, dk, dv,
+        q, k, v, p.w, gmax, rk, mr, r_state, rz_state, do, hh, rden, dk, dv,
         p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, cps,
-        GROUP=group, CAUSAL=p.causal, **p.meta(),
+        GROUP=group, CAUSAL=p.causal, RUN_MAX=p.run_max, **p.meta(),
     )  # fmt: skip
     return dq, dk, dv
 
@@ -583,15 +728,15 @@ class FeatureAttentionFunction(torch.autograd.Function):
         _check_inputs(q, k, v, W, feature_map)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         plan = _Plan(q, k, v, W, causal=causal, feature_map=feature_map, scale=scale)
-        o, gmax, s_state, z_state = feature_attention_fwd(q, k, v, plan)
-        ctx.save_for_backward(q, k, v, gmax, s_state, z_state)
+        o, (gmax, rk, mr), s_state, z_state = feature_attention_fwd(q, k, v, plan)
+        ctx.save_for_backward(q, k, v, gmax, rk, mr, s_state, z_state)
         ctx.plan = plan
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, gmax, s_state, z_state = ctx.saved_tensors
-        dq, dk, dv = feature_attention_bwd(do.contiguous(), q, k, v, gmax, s_state, z_state, ctx.plan)
+        q, k, v, gmax, rk, mr, s_state, z_state = ctx.saved_tensors
+        dq, dk, dv = feature_attention_bwd(do.contiguous(), q, k, v, (gmax, rk, mr), s_state, z_state, ctx.plan)
         return dq, dk, dv, None, None, None, None
 
 

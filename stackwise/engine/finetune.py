@@ -75,6 +75,8 @@ def _fine_tune(cfg: StackWiseConfig, mode: str, env) -> dict:
     from ..data.datasets import build_datasets
 
     ds = build_datasets(dataclasses.replace(cfg, model=model_cfg.model))
+    # the data's tokenizer must be the one the checkpoint was trained with (refused by name otherwise)
+    ckpt.check_tokenizer(_source(cfg, run), getattr(getattr(ds, "tokenizer", None), "path", None))
     frozen = {f"layers.{i}.mlp.{n}.weight" for i, b in enumerate(model.layers) for n in b.mlp.frozen}
 
     def trainable(lm):

@@ -84,8 +84,13 @@ def test_corrupt_shard_is_refused_by_name(tmp_path):
     open(shard, "wb").write(bytes(data))
     with pytest.raises(ActivationCacheError, match=r"shard_00001\.h\.npy failed its checksum"):
         train_stage(cfg, 1)
+    # an incomplete cache (no manifest) is rebuilt from layer 0's checkpoint, corrupt shard included, then trained on
     os.remove(os.path.join(RunDir(cfg).acts(0, "val"), "manifest.json"))
-    with pytest.raises(ActivationCacheError, match=r"layer_0/val is missing or incomplete"):
+    r = train_stage(cfg, 1)
+    assert r.steps == cfg.train.max_steps and RunDir(cfg).has_acts(0)
+    os.remove(RunDir(cfg).layer_ckpt(0))
+    os.remove(os.path.join(RunDir(cfg).acts(0, "val"), "manifest.json"))
+    with pytest.raises(FileNotFoundError, match=r"layer 0's activation cache .* cannot be rebuilt"):
         train_stage(cfg, 1)
 
 

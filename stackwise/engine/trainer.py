@@ -250,8 +250,8 @@ def _rebuild_missing_cache(cfg: StackWiseConfig, run: RunDir, layer: int, env: D
     stage rerun. Forward only, streamed shard by shard and data-parallel; when a checkpoint is missing nothing is
     done and :func:`require_acts` names the stage to train.
     """
-    if run.has_acts(layer - 1) or cfg.engine.cache == "recompute":
-        return
+    if run.has_acts(layer - 1) or cfg.engine.cache == "recompute" or not os.path.isfile(run.layer_ckpt(layer - 1)):
+        return  # a missing layer k-1 checkpoint is refused by require_acts, naming the stage to train
     missing = [k for k in range(layer) if not os.path.isfile(run.layer_ckpt(k))]
     if missing:
         raise FileNotFoundError(

@@ -90,7 +90,7 @@ def test_corrupt_shard_is_refused_by_name(tmp_path):
     assert r.steps == cfg.train.max_steps and RunDir(cfg).has_acts(0)
     os.remove(RunDir(cfg).layer_ckpt(0))
     os.remove(os.path.join(RunDir(cfg).acts(0, "val"), "manifest.json"))
-    with pytest.raises(FileNotFoundError, match=r"layer 0's activation cache .* cannot be rebuilt"):
+    with pytest.raises(FileNotFoundError, match=r"layer 0's checkpoint .*layer_0.safetensors is missing"):
         train_stage(cfg, 1)
 
 

@@ -314,6 +314,11 @@ class TrainConfig:
     """Stages after the first start their layers' output projections (attention o_proj, MLP down) at zero (off)."""
     stage_lr_decay: float = 1.0
     """Peak lr of the i-th stage is lr * stage_lr_decay**i; 1.0 (off) gives every stage train.lr."""
+    # issue 13 (depth recipes, stackwise/engine/recipes.py)
+    stage_init_from: str = "none"
+    """A new stage's layers start from trained ones: "none" (off, fresh draw), "previous" (the previous stage's
+    layers, layer k-1 -> k), "middle" (the middle of the trained stack 0..k-1). Stored weights only: the seeded
+    frozen MLP projections stay the new layer's own. Single backend; exclusive with stage_zero_init."""
     checkpoint_interval: int = 50
     """Steps between resumable stage checkpoints (weights + optimizer + RNG); 0 saves only at the end."""
     resume: bool = False
@@ -341,6 +346,10 @@ class TrainConfig:
         _in_range("train.beta2", self.beta2, 0.0, 1.0)
         _in_range("train.grad_clip", self.grad_clip, 0.0)
         _in_range("train.stage_lr_decay", self.stage_lr_decay, 0.0, lo_open=True)
+        _one_of("train.stage_init_from", self.stage_init_from, ("none", "previous", "middle"))
+        if self.stage_init_from != "none" and self.stage_zero_init:
+            raise ConfigError(f"train.stage_init_from={self.stage_init_from!r} and train.stage_zero_init=true both "
+                              f"set a new layer's start; choose one")
         _one_of("train.dtype", self.dtype, DTYPES)
         if not self.out_dir:
             raise ConfigError("train.out_dir must be a directory path, got ''; e.g. runs/my_run")

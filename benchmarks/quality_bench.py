@@ -17,7 +17,9 @@ tokenizer, masked views, data order, optimizer, lr schedule and token budget per
 - ``block2`` / ``block4``: stages of 2 / 4 layers (``block4`` of a 4-layer model is end-to-end through the
   stage engine: it must match ``e2e``, a check of the baseline's fairness);
 - phase-2 options (``--methods``): ``lw_zero_init`` (train.stage_zero_init), ``lw_lr_decay``
-  (train.stage_lr_decay=0.7), ``lw_frozen_head`` (train.stage_trains_head=false).
+  (train.stage_lr_decay=0.7), ``lw_frozen_head`` (train.stage_trains_head=false);
+- depth recipe (``--methods``, issue 13): ``lw_init_prev`` (train.stage_init_from=previous: a new stage's layer
+  starts as a copy of trained layer k-1's stored weights, progressive-stacking style).
 
 Each final model gets the same held-out evaluation (``quality_eval.eval_model``: masked loss / accuracy at
 rates 0.15 / 0.5 / 0.9 and at the training mix, the ELBO bound) and the same short CLM fine-tune
@@ -76,6 +78,7 @@ METHODS = {
     "lw_zero_init": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_zero_init": True}},
     "lw_lr_decay": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_lr_decay": 0.7}},
     "lw_frozen_head": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_trains_head": False}},
+    "lw_init_prev": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_init_from": "previous"}},
 }
 DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]
 

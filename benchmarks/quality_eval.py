@@ -175,7 +175,8 @@ def summarize(rows: list[dict], baseline: str = "e2e") -> tuple[str, dict]:
     by = {m: [r for r in rows if r["method"] == m] for m in methods}
     base = {r["seed"]: r["loss_mix"] for r in by.get(baseline, [])}
     depth = depth_summary(rows)
-    hdr = ["method", "seeds", "masked loss (mix)", "gap vs e2e %", "gap vs e2e_long %", "depth eff.", "acc (mix)"] + [f"loss@{r}" for r in RATES] + \
+    hdr = ["method", "seeds", "masked loss (mix)", "gap vs e2e %", "gap vs e2e_long %", "depth eff.", "acc (mix)"]
+    hdr += [f"loss@{r}" for r in RATES] + \
           [f"acc@{r}" for r in RATES] + ["ELBO nats/tok", "CLM ppl", "min layer gain", "tokens/group", "GFLOP",
                                          "wall s", "CPU s", "peak MiB", "planned MiB"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]

@@ -124,3 +124,14 @@ def test_stage_zero_init_starts_at_identity(make_cfg, tmp_path):
     assert torch.equal(model.run_layers(h, 1, 2, "bidirectional"), h)
     res = train_stage(cfg, 1)
     assert math.isfinite(res.val_loss)
+
+
+def test_lw_init_prev_method_config(tmp_path):
+    """lw_init_prev is layerwise with train.stage_init_from=previous (copy of layer k-1 before step 0)."""
+    bench = _bench()
+    cfg = bench.build_cfg("micro", "lw_init_prev", 0, str(tmp_path), "cpu")
+    base = bench.build_cfg("micro", "layerwise", 0, str(tmp_path), "cpu")
+    assert cfg.train.stage_init_from == "previous" and base.train.stage_init_from == "none"
+    assert cfg.train.max_steps == base.train.max_steps and cfg.train.layers_per_stage == 1
+    one = bench.build_cfg("micro", "e2e1_long", 0, str(tmp_path), "cpu")
+    assert one.model.n_layers == 1 and one.train.max_steps == 2 * base.train.max_steps

@@ -11,9 +11,13 @@ The trainer calls these through small marked hooks; each recipe is a ``TrainConf
   attention projections, MLP down): the frozen seeded MLP projections are regenerated from the new layer's own
   (seed, layer index), so the copied MLP down projection meets different random features -- the attention
   path is a true copy, the MLP a warm start only.
+- ``train.stage_steps`` (``stage_config``): the split of the token budget across stages at the same total;
+  the trainer runs stage i with ``train.max_steps = stage_steps[i]``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -61,3 +65,12 @@ def init_new_layers(model, layers: list[int], mode: str, load_layer) -> dict[int
                 raise ValueError(f"train.stage_init_from={mode!r}: the checkpoint of layer {src} holds no "
                                  f"'{pre}*' weights to start layer {dst} from")
     return sources
+
+
+def stage_config(cfg, layer: int):
+    """The config a stage trains with: ``train.max_steps`` is that stage's entry of ``train.stage_steps`` (if set)."""
+    steps = cfg.train.stage_steps
+    if not steps:
+        return cfg
+    n = steps[layer // cfg.train.layers_per_stage]
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=n))

@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from .backends import build_stage
 from .distributed import DistEnv, all_reduce_sum, barrier, distributed
 from .log import MetricsWriter, format_step, logger, progress_bar
-from .recipes import init_new_layers  # issue 13: depth recipes
+from .recipes import init_new_layers, stage_config  # issue 13: depth recipes
 from .recompute import FrozenPrefix
 from .run import RunDir, ensure_views, init_run_dir, require_acts
 from .stage_io import cache_outputs, evaluate_stage, stage_forward
@@ -261,6 +261,7 @@ def train_all(cfg: StackWiseConfig) -> list[StageResult]:
 
 def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     run = _open_run(cfg, env, layer)
+    cfg = stage_config(cfg, layer)  # issue-13 hook: train.stage_steps gives this stage its own max_steps
     layers = run.stage_layers(layer)
     device, single = env.device, env.backend == "single"
     if layer > 0:

@@ -55,3 +55,27 @@ def test_stage_init_from_copies_trained_layer(make_cfg, tmp_path, mode):
         assert not torch.equal(getattr(model.layers[1].mlp, n).weight, getattr(layer0.mlp, n).weight)
     res = train_stage(cfg, 1)
     assert math.isfinite(res.val_loss)
+
+
+def test_stage_steps_validates(make_cfg):
+    with pytest.raises(ConfigError, match="train.stage_steps"):
+        make_cfg("train.stage_steps=[3]")  # 2 layers, 1 per stage: 2 entries
+    with pytest.raises(ConfigError, match=r"train.stage_steps\[1\]"):
+        make_cfg("train.stage_steps=[3,0]")
+    assert make_cfg().train.stage_steps == []
+
+
+def test_stage_steps_gives_each_stage_its_steps(make_cfg, tmp_path):
+    """train.stage_steps=[5, 2]: stage 0 runs 5 optimizer steps and stage 1 runs 2, whatever train.max_steps is."""
+    from stackwise.engine import train_all
+    from stackwise.engine.report import read_metrics
+
+    cfg = make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=3", "train.stage_steps=[5,2]",
+                   "train.log_interval=1", "engine.device=cpu")
+    res = train_all(cfg)
+    assert [r.steps for r in res] == [5, 2]
+    steps = {}
+    for r in read_metrics(str(tmp_path)):
+        if r.get("kind") == "train":
+            steps[r["stage"]] = max(steps.get(r["stage"], 0), r["step"])
+    assert steps == {0: 5, 1: 2}

@@ -19,6 +19,12 @@ import quality_bench as qb  # noqa: E402
 RECIPES = {
     "lw_init_prev": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_init_from": "previous"}},
     "lw_init_mid": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_init_from": "middle"}},
+    # budget split fixed a priori (same 1,600 total steps at the cpu size): early stages get more
+    "lw_split_7333": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_steps": "[700,300,300,300]"}},
+    "lw_split_10222": {"kind": "stages", "layers_per_stage": 1,
+                       "overrides": {"train.stage_steps": "[1000,200,200,200]"}},
+    "lw_split_7333_prev": {"kind": "stages", "layers_per_stage": 1,
+                           "overrides": {"train.stage_steps": "[700,300,300,300]", "train.stage_init_from": "previous"}},
 }
 qb.METHODS.update({k: v for k, v in RECIPES.items() if k not in qb.METHODS})
 

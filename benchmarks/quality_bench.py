@@ -7,19 +7,29 @@ tokenizer, masked views, data order, optimizer, lr schedule and token budget per
 
 - ``e2e``: the whole model jointly (``stackwise.engine.end_to_end.train_end_to_end``), S steps;
 - ``e2e_long`` (``--methods``): end-to-end for n_layers * S steps, the total tokens of all layer-wise stages;
+- ``e2e1_long`` (``--methods``): a 1-layer model end-to-end for n_layers * S steps (same views, order, optimizer
+  and schedule as ``e2e_long``): the floor of the depth-efficiency ratio
+  ``(loss(e2e1_long) - loss(method)) / (loss(e2e1_long) - loss(e2e_long))`` (1 = all the depth gain of
+  end-to-end training, 0 = none), reported per (method, seed) with its denominator (too small to judge
+  under 0.1 nats) when both were run for that seed;
 - ``layerwise``: StackWise stages of one layer (``train_all`` on cached activations), S steps each, then fused;
 - ``layerwise_ft``: the fused layer-wise model + ``train.finetune_steps`` of joint diffusion fine-tuning;
 - ``block2`` / ``block4``: stages of 2 / 4 layers (``block4`` of a 4-layer model is end-to-end through the
   stage engine: it must match ``e2e``, a check of the baseline's fairness);
 - phase-2 options (``--methods``): ``lw_zero_init`` (train.stage_zero_init), ``lw_lr_decay``
-  (train.stage_lr_decay=0.7), ``lw_frozen_head`` (train.stage_trains_head=false).
+  (train.stage_lr_decay=0.7), ``lw_frozen_head`` (train.stage_trains_head=false);
+- depth recipe (``--methods``, issue 13): ``lw_init_prev`` (train.stage_init_from=previous: a new stage's layer
+  starts as a copy of trained layer k-1's stored weights, progressive-stacking style).
 
 Each final model gets the same held-out evaluation (``quality_eval.eval_model``: masked loss / accuracy at
 rates 0.15 / 0.5 / 0.9 and at the training mix, the ELBO bound) and the same short CLM fine-tune
 (``fine_tune(mode="clm")``, reporting held-out perplexity). Every (method, seed) runs in a fresh process,
 so peak memory (CPU: peak RSS, incl. ~0.3 GB of torch; CUDA: max allocated) and CPU time are its own.
 
-Outputs: a table on stdout and in ``table.md``, one JSON line per run (``results.jsonl``) and the plots
+Outputs: a table on stdout and in ``table.md``, one JSON line per run (``results.jsonl``; also printed as
+``JSON {...}``), last a summary line ``JSON {"summary": {method: {"loss_mix", "gap_pct", "vs_e2e_long_pct":
+{"mean", "std"}, "depth_efficiency": {"mean", "std", "denominator", "too_small_to_judge", "per_seed"}, ...}}}``
+(the e2e_long / depth entries only where those baselines ran for the seeds), and the plots
 ``loss_vs_tokens.png`` / ``layer_gain.png`` under ``--out`` (default ``benchmarks/results/quality/<size>``).
 
     python benchmarks/quality_bench.py                         # CPU default size, 3 seeds
@@ -60,6 +70,7 @@ SIZES = {
 METHODS = {
     "e2e": {"kind": "e2e"},
     "e2e_long": {"kind": "e2e", "steps_mult": "n_layers"},
+    "e2e1_long": {"kind": "e2e", "steps_mult": "n_layers", "model_layers": 1},
     "layerwise": {"kind": "stages", "layers_per_stage": 1},
     "layerwise_ft": {"kind": "stages", "layers_per_stage": 1, "finetune": True, "source": "layerwise"},
     "block2": {"kind": "stages", "layers_per_stage": 2},
@@ -67,6 +78,7 @@ METHODS = {
     "lw_zero_init": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_zero_init": True}},
     "lw_lr_decay": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_lr_decay": 0.7}},
     "lw_frozen_head": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_trains_head": False}},
+    "lw_init_prev": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_init_from": "previous"}},
 }
 DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]
 
@@ -78,7 +90,8 @@ def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
     # two masked views per sequence; S * B views are read per stage, about one epoch
     n_seq = max(s["batch_size"], s["steps"] * s["batch_size"] // 2)
     tree = {
-        "model": {"vocab_size": s["vocab_size"], "d_model": s["d_model"], "n_layers": s["n_layers"],
+        "model": {"vocab_size": s["vocab_size"], "d_model": s["d_model"],
+                  "n_layers": m.get("model_layers", s["n_layers"]),  # e2e1_long: 1 layer
                   "n_heads": s["n_heads"], "n_kv_heads": s["n_kv_heads"], "d_ff": s["d_ff"], "max_seq_len": 1024,
                   "rope_theta": 10000.0, "init_seed": seed,
                   "attention": {"attention_type": "gqa", "backend": "torch" if device == "cpu" else "auto"}},
@@ -87,7 +100,8 @@ def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
         "train": {"lr": s["lr"], "batch_size": s["batch_size"], "warmup_steps": 10,
                   "log_interval": s["log_interval"], "finetune_steps": s["finetune_steps"], "eval_sequences": 64,
                   "seed": seed, "out_dir": out_dir, "checkpoint_interval": 0,
-                  # e2e_long: as many steps as all layer-wise stages together (equal total tokens, same views)
+                  # e2e_long / e2e1_long: as many steps as all layer-wise stages of the full-depth model
+                  # together (equal total tokens, same views)
                   "max_steps": s["steps"] * (s["n_layers"] if m.get("steps_mult") else 1),
                   "layers_per_stage": m.get("layers_per_stage", 1)},
         "engine": {"device": device, "cache_dtype": "float32", "cache_keep": "last"},
@@ -283,11 +297,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"x {threads or torch.get_num_threads()} threads: bench wall {time.time() - t0:.0f} s, "
               f"CPU {cpu_total:.0f} s")
     print(table + footer)
-    print("SUMMARY " + json.dumps(summary))
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n" + footer + "\n")
     for p in qe.plot(rows, out):
         print(f"wrote {p}")
+    print("JSON " + json.dumps({"summary": summary}), flush=True)  # last line: machine-readable summary
     return rows
 
 

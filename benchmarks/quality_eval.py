@@ -110,12 +110,73 @@ def _pct(xs: list[float]) -> str:
     return f"{statistics.mean(xs):+.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
 
 
+DEPTH_MIN_DENOM = 0.1  # nats: below this the 1-layer vs full-depth gap is too small to judge depth efficiency
+
+
+def depth_efficiency(loss: float, loss_1layer: float, loss_full: float) -> dict:
+    """How much of the end-to-end depth gain a method recovers, at equal total tokens.
+
+    ``(loss_1layer - loss) / (loss_1layer - loss_full)``: 1 = as good as the full-depth end-to-end model
+    (``e2e_long``), 0 = no better than a 1-layer model trained end to end on the same tokens (``e2e1_long``).
+    The denominator (nats) comes with it; under ``DEPTH_MIN_DENOM`` the ratio is flagged as too small to judge.
+    """
+    den = loss_1layer - loss_full
+    return {"value": (loss_1layer - loss) / den if den != 0 else None, "denominator": den,
+            "too_small": abs(den) < DEPTH_MIN_DENOM}
+
+
+def _mstd(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None]
+    return {"mean": statistics.mean(xs) if xs else None, "std": statistics.stdev(xs) if len(xs) > 1 else None,
+            "n": len(xs)}
+
+
+def depth_summary(rows: list[dict], loss_key: str = "loss_mix") -> dict:
+    """Per method: depth efficiency and % gap to ``e2e_long``, per seed and as mean / std over seeds.
+
+    Depth efficiency needs ``e2e1_long`` and ``e2e_long`` of the same seed, the gap only ``e2e_long``; seeds
+    without them are left out, methods with none get no entry. Each row gets ``depth_efficiency``,
+    ``depth_denominator`` and ``depth_too_small`` / ``vs_e2e_long_pct`` set where they apply.
+    """
+    one = {r["seed"]: r[loss_key] for r in rows if r["method"] == "e2e1_long"}
+    full = {r["seed"]: r[loss_key] for r in rows if r["method"] == "e2e_long"}
+    out: dict = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == m]
+        entry = {}
+        per = []
+        for r in rs:
+            if r["seed"] in one and r["seed"] in full:
+                d = depth_efficiency(r[loss_key], one[r["seed"]], full[r["seed"]])
+                r["depth_efficiency"], r["depth_denominator"], r["depth_too_small"] = \
+                    d["value"], d["denominator"], d["too_small"]
+                per.append({"seed": r["seed"], **d})
+        if per:
+            too_small = [p["seed"] for p in per if p["too_small"]]
+            entry["depth_efficiency"] = {**_mstd([p["value"] for p in per]),
+                                         "denominator": _mstd([p["denominator"] for p in per]),
+                                         "too_small_to_judge": bool(too_small), "too_small_seeds": too_small,
+                                         "min_denominator": DEPTH_MIN_DENOM, "per_seed": per}
+        gaps = []
+        for r in rs:
+            if r["seed"] in full:
+                r["vs_e2e_long_pct"] = 100 * (r[loss_key] - full[r["seed"]]) / full[r["seed"]]
+                gaps.append(r["vs_e2e_long_pct"])
+        if gaps:
+            entry["vs_e2e_long_pct"] = _mstd(gaps)
+        if entry:
+            out[m] = entry
+    return out
+
+
 def summarize(rows: list[dict], baseline: str = "e2e") -> tuple[str, dict]:
     """Markdown table (mean ± std over seeds per method) and a summary dict with the gap to the baseline."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {m: [r for r in rows if r["method"] == m] for m in methods}
     base = {r["seed"]: r["loss_mix"] for r in by.get(baseline, [])}
-    hdr = ["method", "seeds", "masked loss (mix)", "gap vs e2e %", "acc (mix)"] + [f"loss@{r}" for r in RATES] + \
+    depth = depth_summary(rows)
+    hdr = ["method", "seeds", "masked loss (mix)", "gap vs e2e %", "gap vs e2e_long %", "depth eff.", "acc (mix)"]
+    hdr += [f"loss@{r}" for r in RATES] + \
           [f"acc@{r}" for r in RATES] + ["ELBO nats/tok", "CLM ppl", "min layer gain", "tokens/group", "GFLOP",
                                          "wall s", "CPU s", "peak MiB", "planned MiB"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
@@ -128,8 +189,12 @@ def summarize(rows: list[dict], baseline: str = "e2e") -> tuple[str, dict]:
         summary[m] = {"loss_mix": statistics.mean(r["loss_mix"] for r in rs),
                       "gap_pct": statistics.mean(gaps) if gaps else None,
                       "gap_pct_std": statistics.stdev(gaps) if len(gaps) > 1 else None,
-                      "min_layer_gain": min(gains) if gains else None}
+                      "min_layer_gain": min(gains) if gains else None, **depth.get(m, {})}
+        de = depth.get(m, {}).get("depth_efficiency")
+        de_cell = "" if de is None else (_ms([p["value"] for p in de["per_seed"]])
+                                         + (" (denominator < 0.1 nats)" if de["too_small_to_judge"] else ""))
         cells = [m, str(len(rs)), _ms([r["loss_mix"] for r in rs]), _pct(gaps),
+                 _pct([r["vs_e2e_long_pct"] for r in rs if "vs_e2e_long_pct" in r]), de_cell,
                  _ms([r["acc_mix"] for r in rs])]
         cells += [_ms([r[f"loss_r{x}"] for r in rs]) for x in RATES]
         cells += [_ms([r[f"acc_r{x}"] for r in rs]) for x in RATES]

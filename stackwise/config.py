@@ -314,6 +314,15 @@ class TrainConfig:
     """Stages after the first start their layers' output projections (attention o_proj, MLP down) at zero (off)."""
     stage_lr_decay: float = 1.0
     """Peak lr of the i-th stage is lr * stage_lr_decay**i; 1.0 (off) gives every stage train.lr."""
+    # issue 13 (depth recipes, stackwise/engine/recipes.py)
+    stage_init_from: str = "none"
+    """A new stage's layers start from trained ones: "none" (off, fresh draw), "previous" (the previous stage's
+    layers, layer k-1 -> k), "middle" (the middle of the trained stack 0..k-1). Stored weights only: the seeded
+    frozen MLP projections stay the new layer's own. Single backend; exclusive with stage_zero_init."""
+    stage_steps: list[int] = field(default_factory=list)
+    """Optimizer steps of each stage in order (one entry per stage), e.g. [700, 300, 300, 300] to give early
+    stages more of the same total; empty (off) gives every stage train.max_steps. Each stage's lr schedule
+    (warm-up + cosine) spans its own steps."""
     checkpoint_interval: int = 50
     """Steps between resumable stage checkpoints (weights + optimizer + RNG); 0 saves only at the end."""
     resume: bool = False
@@ -341,6 +350,12 @@ class TrainConfig:
         _in_range("train.beta2", self.beta2, 0.0, 1.0)
         _in_range("train.grad_clip", self.grad_clip, 0.0)
         _in_range("train.stage_lr_decay", self.stage_lr_decay, 0.0, lo_open=True)
+        _one_of("train.stage_init_from", self.stage_init_from, ("none", "previous", "middle"))
+        for i, n in enumerate(self.stage_steps):
+            _in_range(f"train.stage_steps[{i}]", n, 1)
+        if self.stage_init_from != "none" and self.stage_zero_init:
+            raise ConfigError(f"train.stage_init_from={self.stage_init_from!r} and train.stage_zero_init=true both "
+                              f"set a new layer's start; choose one")
         _one_of("train.dtype", self.dtype, DTYPES)
         if not self.out_dir:
             raise ConfigError("train.out_dir must be a directory path, got ''; e.g. runs/my_run")
@@ -425,6 +440,10 @@ class StackWiseConfig:
                 f"({self.model.n_layers}); choose one of "
                 f"{[k for k in range(1, self.model.n_layers + 1) if self.model.n_layers % k == 0]}"
             )
+        n_stages = self.model.n_layers // self.train.layers_per_stage
+        if self.train.stage_steps and len(self.train.stage_steps) != n_stages:  # issue 13
+            raise ConfigError(f"train.stage_steps needs one entry per stage ({n_stages} = model.n_layers / "
+                              f"train.layers_per_stage), got {len(self.train.stage_steps)}: {self.train.stage_steps}")
         if self.train.dtype == "float16" and self.engine.device == "cpu":
             raise ConfigError("train.dtype='float16' needs a GPU; on engine.device='cpu' use float32 or bfloat16")
 

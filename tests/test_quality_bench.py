@@ -21,18 +21,77 @@ def _bench():
     return mod
 
 
-def test_quality_bench_micro(tmp_path, monkeypatch):
+def _eval_mod():
+    spec = importlib.util.spec_from_file_location("quality_eval", os.path.join(ROOT, "benchmarks", "quality_eval.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_depth_efficiency_formula():
+    qe = _eval_mod()
+    d = qe.depth_efficiency(4.0, 5.0, 3.0)  # half of the 2-nat depth gain
+    assert d["value"] == pytest.approx(0.5) and d["denominator"] == pytest.approx(2.0) and not d["too_small"]
+    assert qe.depth_efficiency(3.0, 5.0, 3.0)["value"] == pytest.approx(1.0)  # as good as e2e_long
+    assert qe.depth_efficiency(5.0, 5.0, 3.0)["value"] == pytest.approx(0.0)  # no better than 1 layer
+    assert qe.depth_efficiency(2.5, 5.0, 3.0)["value"] == pytest.approx(1.25)  # beats e2e_long
+    small = qe.depth_efficiency(4.97, 5.0, 4.95)
+    assert small["value"] == pytest.approx(0.6) and small["denominator"] == pytest.approx(0.05)
+    assert small["too_small"]
+    assert qe.depth_efficiency(4.0, 4.0, 4.0)["value"] is None and qe.depth_efficiency(4.0, 4.0, 4.0)["too_small"]
+
+
+def test_depth_summary_known_numbers():
+    qe = _eval_mod()
+    loss = {("e2e1_long", 0): 5.0, ("e2e1_long", 1): 6.0, ("e2e_long", 0): 3.0, ("e2e_long", 1): 4.0,
+            ("layerwise", 0): 4.0, ("layerwise", 1): 4.5, ("e2e", 0): 3.5}
+    rows = [{"method": m, "seed": s, "loss_mix": v} for (m, s), v in loss.items()]
+    summary = qe.depth_summary(rows)
+    de = summary["layerwise"]["depth_efficiency"]
+    assert [p["value"] for p in de["per_seed"]] == pytest.approx([0.5, 0.75])
+    assert de["mean"] == pytest.approx(0.625) and de["std"] == pytest.approx(0.25 / math.sqrt(2))
+    assert de["denominator"]["mean"] == pytest.approx(2.0) and de["too_small_to_judge"] is False
+    gap = summary["layerwise"]["vs_e2e_long_pct"]
+    assert gap["mean"] == pytest.approx((100 / 3 + 12.5) / 2)
+    assert summary["e2e_long"]["depth_efficiency"]["mean"] == pytest.approx(1.0)
+    assert summary["e2e1_long"]["depth_efficiency"]["mean"] == pytest.approx(0.0)
+    # e2e only has seed 0: its ratio uses that seed alone
+    assert summary["e2e"]["depth_efficiency"]["mean"] == pytest.approx(0.75)
+    assert summary["e2e"]["depth_efficiency"]["std"] is None
+    # without e2e1_long there is no depth efficiency, only the e2e_long gap
+    no1 = qe.depth_summary([r for r in rows if r["method"] != "e2e1_long"])
+    assert "depth_efficiency" not in no1["layerwise"] and "vs_e2e_long_pct" in no1["layerwise"]
+    assert qe.depth_summary([r for r in rows if r["method"] in ("e2e", "layerwise")]) == {}
+
+
+def test_quality_bench_micro(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the corpus tokenizer/shards live under data/ (built once, reused)
     out, runs = tmp_path / "out", tmp_path / "runs"
     rows = _bench().main(["--size", "micro", "--seeds", "1", "--no-isolate", "--methods", "e2e", "block2",
-                          "layerwise", "--out", str(out), "--runs", str(runs)])
+                          "layerwise", "e2e_long", "e2e1_long", "--out", str(out), "--runs", str(runs)])
     by = {r["method"]: r for r in rows}
-    assert set(by) == {"e2e", "block2", "layerwise"}
+    assert set(by) == {"e2e", "block2", "layerwise", "e2e_long", "e2e1_long"}
+    # e2e1_long: a 1-layer model on the tokens of all stages of the 2-layer model, like e2e_long
+    assert by["e2e1_long"]["n_layers"] == 1 and by["e2e_long"]["n_layers"] == 2
+    assert by["e2e1_long"]["tokens_total"] == by["e2e_long"]["tokens_total"] == by["layerwise"]["tokens_total"]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert lines[-1].startswith("JSON {\"summary\": ")
+    summary = json.loads(lines[-1][len("JSON "):])["summary"]
+    assert set(summary) == set(by)
+    one, full = by["e2e1_long"]["loss_mix"], by["e2e_long"]["loss_mix"]
+    de = summary["layerwise"]["depth_efficiency"]
+    assert de["per_seed"][0]["denominator"] == pytest.approx(one - full)
+    assert de["mean"] == pytest.approx((one - by["layerwise"]["loss_mix"]) / (one - full))
+    assert de["too_small_to_judge"] == (abs(one - full) < 0.1)
+    assert set(summary["layerwise"]["vs_e2e_long_pct"]) >= {"mean", "std"}
+    run_lines = [json.loads(x[len("JSON "):]) for x in lines[:-1] if x.startswith("JSON ")]
+    assert sorted((r["method"], r["seed"]) for r in run_lines) == sorted((m, 0) for m in by)
+    assert all(math.isfinite(r["loss_mix"]) for r in run_lines)
     for r in rows:
         for k in ("loss_r0.15", "loss_r0.5", "loss_r0.9", "loss_mix", "acc_mix", "elbo", "clm_ppl", "flops",
                   "wall_s", "cpu_s", "peak_mem_mib"):
             assert math.isfinite(r[k]) and r[k] > 0 or k.startswith("acc"), (r["method"], k, r[k])
-        assert r["tokens_per_group"] == 6 * 8 * 32, r
+        assert r["tokens_per_group"] == 6 * 8 * 32 * (2 if r["method"].endswith("_long") else 1), r
     # a 2-layer model in one block-wise stage is end-to-end training through the stage engine: same views,
     # order, optimizer and schedule must give the same model (the fairness check of the e2e baseline)
     assert by["block2"]["loss_mix"] == pytest.approx(by["e2e"]["loss_mix"], abs=1e-4)
@@ -40,7 +99,7 @@ def test_quality_bench_micro(tmp_path, monkeypatch):
     assert len(by["layerwise"]["layer_gains"]) == 2
     assert by["layerwise"]["tokens_total"] == 2 * by["e2e"]["tokens_total"]
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert sorted(json.loads(x)["method"] for x in lines) == ["block2", "e2e", "layerwise"]
+    assert sorted(json.loads(x)["method"] for x in lines) == sorted(by)
     assert (out / "loss_vs_tokens.png").stat().st_size > 0 and (out / "layer_gain.png").stat().st_size > 0
     assert "gap vs e2e %" in (out / "table.md").read_text()
 
@@ -65,3 +124,14 @@ def test_stage_zero_init_starts_at_identity(make_cfg, tmp_path):
     assert torch.equal(model.run_layers(h, 1, 2, "bidirectional"), h)
     res = train_stage(cfg, 1)
     assert math.isfinite(res.val_loss)
+
+
+def test_lw_init_prev_method_config(tmp_path):
+    """lw_init_prev is layerwise with train.stage_init_from=previous (copy of layer k-1 before step 0)."""
+    bench = _bench()
+    cfg = bench.build_cfg("micro", "lw_init_prev", 0, str(tmp_path), "cpu")
+    base = bench.build_cfg("micro", "layerwise", 0, str(tmp_path), "cpu")
+    assert cfg.train.stage_init_from == "previous" and base.train.stage_init_from == "none"
+    assert cfg.train.max_steps == base.train.max_steps and cfg.train.layers_per_stage == 1
+    one = bench.build_cfg("micro", "e2e1_long", 0, str(tmp_path), "cpu")
+    assert one.model.n_layers == 1 and one.train.max_steps == 2 * base.train.max_steps

@@ -40,6 +40,7 @@ from . import checkpoint as ckpt
 from .backends import build_stage
 from .distributed import DistEnv, all_reduce_sum, barrier, distributed
 from .log import MetricsWriter, format_step, logger, progress_bar
+from .recipes import init_new_layers, stage_config  # issue 13: depth recipes
 from .recompute import FrozenPrefix
 from .run import RunDir, ensure_views, init_run_dir, require_acts
 from .precision import Precision
@@ -121,6 +122,10 @@ def _stage_model(cfg: StackWiseConfig, run: RunDir, layers: list[int], device) -
                     model.layers[k].attn.o_proj.weight.zero_()
                     if "down" not in model.layers[k].mlp.frozen:
                         model.layers[k].mlp.down.weight.zero_()
+        # issue-13 hook (stackwise/engine/recipes.py): start the new layers from trained ones
+        if cfg.train.stage_init_from != "none":
+            init_new_layers(model, layers, cfg.train.stage_init_from,
+                            lambda k: ckpt.load_tensors(run.layer_ckpt(k))[0])
     return model.to(device)
 
 
@@ -297,6 +302,7 @@ def train_all(cfg: StackWiseConfig) -> list[StageResult]:
 
 def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     run = _open_run(cfg, env, layer)
+    cfg = stage_config(cfg, layer)  # issue-13 hook: train.stage_steps gives this stage its own max_steps
     layers = run.stage_layers(layer)
     device, single = env.device, env.backend == "single"
     if layer > 0:
@@ -332,6 +338,9 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
         if t.resume and os.path.isfile(state_path):
             start = _load_state(state_path, params, opt)
     else:
+        if t.stage_init_from != "none":  # issue-13 hook: recipes run on the single backend for now
+            raise NotImplementedError(f"train.stage_init_from runs on engine.backend=single only, got "
+                                      f"{env.backend!r}; set --train.stage_init_from=none or --engine.backend=single")
         if t.stage_zero_init:
             raise NotImplementedError(f"train.stage_zero_init runs on engine.backend=single only, got {env.backend!r}; "
                                       f"set --train.stage_zero_init=false or --engine.backend=single")

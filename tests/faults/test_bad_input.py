@@ -90,7 +90,7 @@ def test_fuzzed_launcher_arguments(argv):
 def test_every_field_rejects_a_wrong_type():
     """One deliberate wrong-type value per leaf field: the error names that field."""
     for name, tp, default, _ in iter_fields():
-        bad = {"int": "seven", "float": "fast", "str": 7, "bool": "maybe", "list[str]": 5}[tp]
+        bad = {"int": "seven", "float": "fast", "str": 7, "bool": "maybe", "list[str]": 5, "list[int]": 5}[tp]
         with pytest.raises(ConfigError) as e:
             config_from_dict({}, [f"--{name}={yaml.safe_dump(bad).strip()}" if not isinstance(bad, str)
                                   else f"--{name}={bad}"])

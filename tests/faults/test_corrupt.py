@@ -19,6 +19,7 @@ import sys
 import pytest
 
 from stackwise.config import config_from_dict
+from stackwise.data.activations import read_manifest
 from stackwise.data.datasets import build_datasets
 from stackwise.engine import cli
 from stackwise.engine import trainer as trainer_mod
@@ -143,6 +144,11 @@ def test_stage_resume_state(case, capsys, monkeypatch, how):
 def test_activation_and_view_caches(case, capsys, rel, how):
     path = os.path.join("run/acts", rel)
     damage(path, how)
+    if how == "delete" and rel.startswith("layer_0/") and rel.endswith("manifest.json"):
+        # an incomplete layer cache is rebuilt from the layer checkpoints (issue 15), then the stage trains on it
+        retrain_stage1()
+        read_manifest(os.path.dirname(path))
+        return
     err = guarded(retrain_stage1, capsys)
     shown = path if not (how == "delete" and rel.endswith("manifest.json")) else os.path.dirname(path)
     assert shown in err and ("rerun the stage" in err or "delete" in err), err

@@ -31,6 +31,6 @@ setup(
         "data": ["tokenizers>=0.15"],
         "plot": ["matplotlib"],
         "hf": ["transformers>=4.56"],
-        "dev": ["pytest>=7", "hypothesis", "tokenizers>=0.15", "matplotlib"],
+        "dev": ["pytest>=7", "hypothesis", "tokenizers>=0.15", "matplotlib", "tensorboard>=2.15"],
     },
 )

@@ -2,9 +2,9 @@
 """Layer-wise vs end-to-end: peak memory and tokens/s, each beside the planner's prediction.
 
 Cases (each in a FRESH subprocess, so peak RSS belongs to that case alone):
-- ``stage``: cached-activation-like h [B, T, C] -> layer k -> head -> masked_loss (diffusion mask), AdamW on
-  layer k + head. This mirrors one step of the stage trainer (stackwise/engine, written in parallel), built
-  here from the model's public pieces (run_layers, head, objective.masked_loss).
+- ``stage``: cached-activation-like h [B, T, C] -> layer k -> head -> masked loss (diffusion views), AdamW on
+  layer k + head: the engine's own step (``stackwise.engine.loop.train_step`` on the single backend), so
+  ``--train.dtype=bfloat16`` and ``--engine.activation_checkpointing=true`` are measured as a stage runs them.
 - ``cache``: caching layer k's outputs (forward only, no grad).
 - ``e2e``: end-to-end training of the same model (embeddings, all layers, head), gate/up frozen as in the model.
 - ``io``: activation-shard streaming (numpy .npy shards, plain and with SHA-256 as the store verifies)
@@ -51,44 +51,43 @@ def _cur_rss() -> int:
 
 
 def _make_step(case: str, cfg, dev, gen):
-    """Build the model, data and optimizer of ``case``; return its step function (one training/caching step)."""
+    """Build the model, data and backend of ``case``; return its step function (one training/caching step).
+
+    Training cases run the engine's own step (:func:`stackwise.engine.loop.train_step` on the single backend, with
+    ``train.dtype`` autocast and ``engine.activation_checkpointing``), so what is measured is what a stage runs.
+    """
     import torch
 
+    from stackwise.engine.backends import StageModule, create_backend
+    from stackwise.engine.distributed import DistEnv
+    from stackwise.engine.loop import train_step
+    from stackwise.engine.stage_model import all_trainable, trainable_params
     from stackwise.model import StackWiseLM
-    from stackwise.objective import diffusion_mask, masked_loss
+    from stackwise.objective import Objective
 
     m, B, T = cfg.model, cfg.train.batch_size, cfg.data.seq_len
     k = min(1, m.n_layers - 1)
-    model = StackWiseLM(m, layers=None if case == "e2e" else [k]).to(dev)
-    ids = torch.randint(0, m.vocab_size - 1, (B, T), generator=gen)
-    masked, targets, loss_mask, _ = diffusion_mask(ids, gen, mask_id=m.mask_id, mask_fraction_min=0.15,
-                                                   mask_fraction_max=0.9)
-    masked, targets, loss_mask = masked.to(dev), targets.to(dev), loss_mask.to(dev)
+    model = StackWiseLM(m, layers=None if case == "e2e" else [k])
+    objective = Objective.from_config(cfg.objective, m, "diffusion")
+    views = objective.mask(torch.randint(0, m.vocab_size - 1, (B, T), generator=gen), gen)
     # two cached-activation batches: the one in use and the prefetched one (the store's double buffer)
     shards = [torch.randn(B, T, m.d_model, generator=gen).to(dev) for _ in range(2)]
     if case == "cache":
-        model.eval()
+        model = model.to(dev).eval()
 
         def step(i):
             with torch.no_grad():
                 return model.run_layers(shards[i % 2], k, k + 1).to(torch.float32)
 
         return step
-    if case == "stage":
-        params = [p for n, p in model.named_parameters() if p.requires_grad and
-                  (n.startswith(f"layers.{k}.") or n.startswith(("norm.", "output.", "tok_embeddings.")))]
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    layers = list(range(m.n_layers)) if case == "e2e" else [k]
+    trainable = all_trainable(model) if case == "e2e" else trainable_params(model, [k], cfg)
+    backend = create_backend("single", cfg.train, cfg.engine, DistEnv(device=dev), os.devnull)
+    backend.build(StageModule(model, layers, objective, cfg.engine.activation_checkpointing), trainable)
 
-    # mirrors one step of the stage trainer (stackwise/engine): cached h -> layer k -> head -> masked loss
     def step(i):
-        h = model.run_layers(shards[i % 2], k, k + 1) if case == "stage" else model.run_layers(model.embed(masked))
-        loss = masked_loss(model.head(h), targets, loss_mask)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        batch = dict(views, x=shards[i % 2]) if case == "stage" else views
+        return train_step(backend, [batch], objective, 1)[0]
 
     return step
 

@@ -138,7 +138,7 @@ def run_unit(spec: dict) -> dict:
     from stackwise.engine import checkpoint as ckpt
     from stackwise.engine import fine_tune
     from stackwise.engine.end_to_end import train_end_to_end
-    from stackwise.engine.run import RunDir
+    from stackwise.engine.rundir import RunDir
 
     if not spec["verbose"]:
         logging.getLogger("stackwise").disabled = True

@@ -12,7 +12,7 @@ from stackwise.engine.finetune import fine_tune
 from stackwise.engine.fuse import fuse
 from stackwise.engine.report import plot_run, stage_table
 from stackwise.engine.sample import sample_text
-from stackwise.engine.trainer import train_all
+from stackwise.engine.stages import train_all
 
 
 @main_guard

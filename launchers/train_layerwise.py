@@ -13,8 +13,8 @@ from stackwise.engine.cli import main_guard, parse, parser
 from stackwise.engine.distributed import env_world, resolve_backend
 from stackwise.engine.fuse import fuse
 from stackwise.engine.report import plot_run, stage_table
-from stackwise.engine.stages import run_stages_in_subprocesses
-from stackwise.engine.trainer import train_all
+from stackwise.engine.stage_process import run_stages_in_subprocesses
+from stackwise.engine.stages import train_all
 
 
 @main_guard

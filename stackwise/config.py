@@ -336,6 +336,12 @@ class TrainConfig:
     checkpoint: str = ""
     """Model checkpoint that fine_tune / generate start from; empty picks the run's newest (finetuned_*, then fused)."""
 
+    compile: bool = False
+    """Wrap each trained block in torch.compile (single and fsdp backends; refused on deepspeed)."""
+
+    tensorboard: bool = False
+    """Also write the logged scalars to <out_dir>/tensorboard (needs the tensorboard package)."""
+
     def __post_init__(self) -> None:
         _in_range("train.lr", self.lr, 0.0, lo_open=True)
         _in_range("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)

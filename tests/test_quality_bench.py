@@ -113,13 +113,13 @@ def test_stage_options_validate(make_cfg):
 
 def test_stage_zero_init_starts_at_identity(make_cfg, tmp_path):
     from stackwise.engine import train_stage
-    from stackwise.engine.run import RunDir
-    from stackwise.engine.trainer import _stage_model
+    from stackwise.engine.rundir import RunDir
+    from stackwise.engine.stage_model import stage_model
 
     cfg = make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=2", "train.stage_zero_init=true",
                    "engine.device=cpu")
     train_stage(cfg, 0)
-    model = _stage_model(cfg, RunDir(cfg), [1], "cpu")
+    model = stage_model(cfg, RunDir(cfg), [1])
     h = torch.randn(2, 8, cfg.model.d_model)
     assert torch.equal(model.run_layers(h, 1, 2, "bidirectional"), h)
     res = train_stage(cfg, 1)

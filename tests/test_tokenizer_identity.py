@@ -130,8 +130,8 @@ def test_text_run_checkpoints_all_carry_the_hash(tmp_path):
     """A real (tiny) text run: layer, fused and fine-tuned checkpoints record the run tokenizer's hash."""
     from stackwise.engine.finetune import fine_tune
     from stackwise.engine.fuse import fuse
-    from stackwise.engine.run import RunDir
-    from stackwise.engine.trainer import train_all
+    from stackwise.engine.rundir import RunDir
+    from stackwise.engine.stages import train_all
 
     text = tmp_path / "corpus.txt"
     text.write_text(("It was the best of times, it was the worst of times, it was the age of wisdom. The quick "

@@ -24,13 +24,13 @@ import copy
 import json
 import os
 
-from ..config import ConfigError, StackWiseConfig
+from ..config import ConfigError
 from .log import logger
 
 
-def uses_ds_optimizer(cfg: StackWiseConfig, on_cuda: bool) -> bool:
+def uses_ds_optimizer(engine, on_cuda: bool) -> bool:
     """Whether the DeepSpeed dict names the optimizer (else a torch AdamW is passed to initialize)."""
-    choice = cfg.engine.optimizer
+    choice = engine.optimizer
     if choice == "auto":
         return on_cuda
     return choice == "deepspeed"
@@ -64,11 +64,12 @@ def load_user_config(path: str) -> dict:
     return user
 
 
-def build_ds_config(cfg: StackWiseConfig, world_size: int, *, on_cuda: bool = False) -> dict:
+def build_ds_config(train, engine, world_size: int, *, on_cuda: bool = False) -> dict:
     """The DeepSpeed config dict of a stage.
 
     Args:
-        cfg: the whole config (only ``train`` and ``engine`` are read).
+        train: ``cfg.train``.
+        engine: ``cfg.engine``.
         world_size: number of processes in the job.
         on_cuda: whether the ranks run on CUDA (decides the optimizer under ``engine.optimizer=auto``).
 
@@ -78,7 +79,7 @@ def build_ds_config(cfg: StackWiseConfig, world_size: int, *, on_cuda: bool = Fa
     Raises:
         ConfigError: float16 on CPU, or a user JSON that breaks the batch identity.
     """
-    t, e = cfg.train, cfg.engine
+    t, e = train, engine
     if t.dtype == "float16" and not on_cuda:
         raise ConfigError("train.dtype='float16' needs a GPU under DeepSpeed; on CPU use float32 or bfloat16")
     micro, accum = t.batch_size, t.grad_accum
@@ -111,7 +112,7 @@ def build_ds_config(cfg: StackWiseConfig, world_size: int, *, on_cuda: bool = Fa
         if e.zero_stage != 3:
             raise ConfigError(f"engine.offload_params needs engine.zero_stage=3, got {e.zero_stage}; set zero_stage=3")
         zero["offload_param"] = par_off
-    if uses_ds_optimizer(cfg, on_cuda):
+    if uses_ds_optimizer(e, on_cuda):
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8,
                                                        "weight_decay": t.weight_decay}}
     if e.activation_checkpointing:

@@ -22,7 +22,7 @@ from ..data.activations import ShardStream, read_manifest
 from ..model import StackWiseLM
 from . import checkpoint as ckpt
 from .log import init_logging, logger
-from .run import RunDir
+from .rundir import RunDir
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-3}
 

@@ -48,11 +48,13 @@ def progress_bar(total: int, desc: str, rank: int = 0):
 
 
 def format_step(step: int, total: int, layer: int | str, loss: float, lr: float, gnorm: float, ms: float,
-                tok_s: float, mem_gib: float | None = None) -> str:
-    """``step 120/2000 | layer 05 | loss 3.2141 | lr 3.00e-04 | gnorm 0.84 | 412 ms | 158k tok/s | mem ...``"""
+                tok_s: float, mem_gib: float | None = None, mfu: float | None = None) -> str:
+    """``step 120/2000 | layer 05 | loss 3.2141 | lr 3.00e-04 | gnorm 0.84 | 412 ms | 158k tok/s | mfu 38.2% | mem ..``"""
     lay = f"{layer:02d}" if isinstance(layer, int) else str(layer)
     parts = [f"step {step}/{total}", f"layer {lay}", f"loss {loss:.4f}", f"lr {lr:.2e}", f"gnorm {gnorm:.2f}",
              f"{ms:.0f} ms", f"{tok_s / 1000:.1f}k tok/s"]
+    if mfu is not None:
+        parts.append(f"mfu {100 * mfu:.1f}%")
     if mem_gib is not None:
         parts.append(f"mem {mem_gib:.1f} GiB")
     return " | ".join(parts)

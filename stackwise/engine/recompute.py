@@ -21,7 +21,7 @@ import torch
 from ..config import StackWiseConfig
 from ..model import StackWiseLM
 from . import checkpoint as ckpt
-from .run import RunDir
+from .rundir import RunDir
 
 
 class FrozenPrefix:

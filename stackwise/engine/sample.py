@@ -10,7 +10,7 @@ import torch
 from ..config import StackWiseConfig
 from ..generate import generate_clm, generate_diffusion
 from . import checkpoint as ckpt
-from .run import RunDir, pick_device
+from .rundir import RunDir, pick_device
 
 
 def pick_checkpoint(cfg: StackWiseConfig, mode: str) -> str:

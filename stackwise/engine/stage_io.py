@@ -20,7 +20,8 @@ from ..data.activations import ShardStream, ShardWriter, read_manifest, to_stora
 from ..objective import Objective, masked_accuracy, masked_loss
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier
 from .log import logger, progress_bar
-from .run import RunDir
+from .rundir import RunDir
+from .stage_module import run_stage_layers
 
 _ONE = DistEnv()
 
@@ -39,15 +40,6 @@ def stage_forward(model, batch, layers, device, cfg):
 def stage_objective(cfg: StackWiseConfig) -> Objective:
     """The objective every stage (and the end-to-end baseline) trains with: diffusion on the stored views."""
     return Objective.from_config(cfg.objective, cfg.model, "diffusion")
-
-
-def run_stage_layers(model, h, layers, attention_mode: str, checkpointing: bool = False):
-    """h [B, T, C] through ``layers``; with ``checkpointing`` each block's activations are recomputed in backward."""
-    if not checkpointing:
-        return model.run_layers(h, layers[0], layers[-1] + 1, attention_mode)
-    for k in layers:
-        h = torch.utils.checkpoint.checkpoint(model.run_layers, h, k, k + 1, attention_mode, use_reentrant=False)
-    return h
 
 
 @torch.no_grad()

@@ -1,70 +1,289 @@
 # SPDX-License-Identifier: MIT
-"""One stage per process lifetime for distributed runs of ``train_layerwise.py``.
+"""Layer-wise stages: planning (which layers, which inputs) and ``train_stage`` / ``train_all`` on the one loop.
 
-DeepSpeed does not give all memory back when an engine is destroyed (measured here: ~23 MiB of RSS per stage
-even after ``destroy``, ``gc`` and ``malloc_trim``), and ZeRO-3 fixes its parameter groups at initialize. So
-under a distributed backend every rank's launcher process trains no stage itself: for each stage it runs
-``python -m stackwise.engine.stage_process --layer K`` as a child process with the rank's own environment and waits for it.
-The children of all ranks form a fresh process group per stage (rendezvous port ``MASTER_PORT + 1 + i`` for
-the i-th stage, with the launcher's agent store switched off), so a stage starts only when every rank's
-previous child has finished: the rendezvous itself is the barrier. A child that fails makes its parent exit
-non-zero, which makes torchrun / the deepspeed launcher stop the job and name the rank.
+Stage 0 trains the embeddings, its layers (``train.layers_per_stage`` of them) and the head on the masked views;
+stage k trains its layers (and the carried head when ``train.stage_trains_head``) on layer k-1's outputs, read
+from the activation cache (``engine.cache=disk``; rebuilt from the layer files when it is missing) or recomputed
+by the frozen layers 0..k-1 (``engine.cache=recompute``). Any backend (:mod:`stackwise.engine.backends`) trains
+it through :func:`stackwise.engine.loop.train_loop`: each rank reads its slice of every global batch, and the
+loss is normalised by the global count of supervised tokens, so N ranks with batch B match one process with
+batch N*B within fp32 round-off.
+
+A stage is resumable: every ``train.checkpoint_interval`` steps the backend saves its state; with
+``train.resume`` the stage continues from there and, because the batch order depends only on (seed, step), ends
+with the same weights as an uninterrupted run. A rerun of a finished stage only (re)builds a missing cache.
 """
 
 from __future__ import annotations
 
+import gc
 import os
-import subprocess
-import sys
+import time
+from dataclasses import dataclass, field
 
-from ..config import StackWiseConfig
-from .distributed import env_world
-from .log import init_logging, logger
-from .run import RunDir
+import torch
 
-# the stage entry point is a package module, so the package never depends on its own command-line scripts
-STAGE_MODULE = "stackwise.engine.stage_process"
+from ..config import ConfigError, StackWiseConfig
+from ..data.activations import ShardStream, read_manifest
+from ..model import StackWiseLM
+from . import checkpoint as ckpt
+from .backends import StageModule, create_backend
+from .distributed import DistEnv, barrier, distributed
+from .log import MetricsWriter, logger
+from .loop import train_loop
+from .recipes import stage_config  # issue 13: depth recipes
+from .recompute import FrozenPrefix
+from .rundir import RunDir, ensure_views, init_run_dir
+from .stage_io import cache_outputs, evaluate_stage, stage_objective
+from .stage_model import load_trained, save_layers, stage_model, trainable_params
 
-
-def stage_argv(argv: list[str]) -> list[str]:
-    """The launcher's arguments minus the ones each child gets anew (--layer, --local_rank)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--layer", "--local_rank", "--local-rank"):
-            skip = True
-            continue
-        if a.startswith(("--layer=", "--local_rank=", "--local-rank=")):
-            continue
-        out.append(a)
-    return out
+__all__ = ["Stage", "StageResult", "next_stage", "plan_stage", "require_acts", "train_all", "train_stage"]
 
 
-def run_stages_in_subprocesses(cfg: StackWiseConfig, argv: list[str]) -> None:
-    """Train every stage of ``cfg`` in order, each in a fresh child process of this rank.
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a layer-wise run: its index, its layers and where its inputs come from."""
+
+    index: int
+    """0, 1, ...: the stage's position (stage i starts at layer i * train.layers_per_stage)."""
+    layers: tuple[int, ...]
+    inputs: str
+    """ids (stage 0: masked token ids), cache (layer k-1's cached outputs) or recompute (frozen layers 0..k-1)."""
+
+    @property
+    def first(self) -> int:
+        return self.layers[0]
+
+    @property
+    def name(self) -> str:
+        """File stem of its resumable state (``stage_<first layer>``)."""
+        return f"stage_{self.first}"
+
+
+def plan_stage(cfg: StackWiseConfig, first: int) -> Stage:
+    """The stage that starts at layer ``first``.
 
     Raises:
-        RuntimeError: a stage's child exited non-zero (names the stage, the rank and the exit code).
+        ConfigError: ``first`` is out of range or not the first layer of a stage.
     """
-    rank, local, world = env_world()
-    init_logging(rank)
-    base_port = int(os.environ.get("MASTER_PORT", "29500"))
+    K, n = cfg.train.layers_per_stage, cfg.model.n_layers
+    if not 0 <= first < n:
+        raise ConfigError(f"--layer {first} is out of range: model.n_layers is {n} (layers 0..{n - 1})")
+    if first % K:
+        raise ConfigError(f"--layer {first} is not the first layer of a stage: with train.layers_per_stage={K} "
+                          f"stages start at layers {list(range(0, n, K))}")
+    inputs = "ids" if first == 0 else ("recompute" if cfg.engine.cache == "recompute" else "cache")
+    return Stage(first // K, tuple(range(first, min(first + K, n))), inputs)
+
+
+def next_stage(cfg: StackWiseConfig) -> int:
+    """First layer of the earliest stage without a checkpoint and cache (the default of ``--layer``)."""
     run = RunDir(cfg)
-    firsts = list(range(0, cfg.model.n_layers, cfg.train.layers_per_stage))
-    for i, first in enumerate(firsts):
-        env = dict(os.environ)
-        env["MASTER_PORT"] = str(base_port + 1 + i)
-        # the children of all ranks make their own store on the new port (rank 0's child serves it)
-        env["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-        cmd = [sys.executable, "-m", STAGE_MODULE, "--layer", str(first), f"--local_rank={local}", *stage_argv(argv)]
-        if rank == 0:
-            logger.info("stage %d/%d (layer %d) in a fresh process group on port %s", i + 1, len(firsts), first,
-                        env["MASTER_PORT"])
-        rc = subprocess.run(cmd, env=env).returncode
-        if rc != 0:
-            raise RuntimeError(
-                f"stage {first} failed on rank {rank} of {world} (exit code {rc}); fix the cause shown above and "
-                f"rerun: finished stages are skipped ({run.root})"
-            )
+    K = cfg.train.layers_per_stage
+    for first in range(0, cfg.model.n_layers, K):
+        last = min(first + K, cfg.model.n_layers) - 1
+        if not os.path.isfile(run.layer_ckpt(last)) or not run.has_acts(last) or run.has_resume_state(f"stage_{first}"):
+            return first
+    raise ConfigError(
+        f"every stage of {run.root} is already trained ({cfg.model.n_layers} layers); pass --layer K to retrain one "
+        f"(delete layer_K.safetensors first) or fuse: python launchers/fuse.py --config {run.root}/config.yaml"
+    )
+
+
+def require_acts(run: RunDir, k: int) -> None:
+    """Refuse to start stage k+1 without layer k's checkpoint and cache, naming what to run."""
+    path = run.layer_ckpt(k)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"layer {k}'s checkpoint {path} is missing, so layer {k + 1} has no inputs; train it first: "
+            f"python launchers/train_layer.py --config {os.path.join(run.root, 'config.yaml')} --layer {k}"
+        )
+    for split in run.cache_splits():
+        read_manifest(run.acts(k, split), what=f"layer {k}'s activation cache")
+    if run.cfg.engine.cache == "recompute":
+        for j in range(k):
+            if not os.path.isfile(run.layer_ckpt(j)):
+                raise FileNotFoundError(
+                    f"engine.cache=recompute rebuilds layer {k + 1}'s inputs from layers 0..{k}, but "
+                    f"{run.layer_ckpt(j)} is missing; train layer {j} first or use engine.cache=disk"
+                )
+
+
+@dataclass
+class StageResult:
+    layer: int
+    steps: int
+    train_loss: float
+    val_loss: float
+    val_acc: float
+    seconds: float
+    skipped: bool = False
+    history: list = field(default_factory=list)
+
+
+def _release_host_memory() -> None:
+    # glibc keeps freed arenas; hand them back so per-stage RSS shows real growth only
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process (Linux /proc; 0 elsewhere), logged per stage to show no growth."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _remove_state(run: RunDir, stage: Stage, env: DistEnv) -> None:
+    barrier()
+    if env.is_main:
+        run.remove_resume_state(stage.name)
+    barrier()
+
+
+def _rebuild_missing_cache(cfg: StackWiseConfig, run: RunDir, layer: int, env: DistEnv) -> None:
+    """Rebuild layer ``layer - 1``'s activation cache from the checkpoints of layers 0..layer-1 when it is missing.
+
+    ``engine.cache_keep=last`` deletes older caches, so retraining a later stage would otherwise need every earlier
+    stage rerun. Forward only, streamed shard by shard and data-parallel; when a checkpoint is missing nothing is
+    done and :func:`require_acts` names the stage to train.
+    """
+    if run.has_acts(layer - 1) or cfg.engine.cache == "recompute" or not os.path.isfile(run.layer_ckpt(layer - 1)):
+        return
+    missing = [k for k in range(layer) if not os.path.isfile(run.layer_ckpt(k))]
+    if missing:
+        raise FileNotFoundError(
+            f"layer {layer - 1}'s activation cache {os.path.dirname(run.acts(layer - 1, 'train'))} is missing and "
+            f"cannot be rebuilt: {run.layer_ckpt(missing[0])} is missing too; train it first: python "
+            f"launchers/train_layer.py --config {os.path.join(run.root, 'config.yaml')} --layer {missing[0]}"
+        )
+    t0 = time.time()
+    logger.info("layer %d's activation cache is missing: rebuilding it from layers 0..%d (forward only)", layer - 1,
+                layer - 1)
+    prefix = list(range(layer))
+    model = StackWiseLM(cfg.model, layers=prefix)
+    for k in prefix:
+        tensors, _ = ckpt.load_tensors(run.layer_ckpt(k))
+        keep = {n: v for n, v in tensors.items() if n.startswith(f"layers.{k}.") or n == "tok_embeddings.weight"}
+        ckpt.load_into(model, keep, run.layer_ckpt(k), strict=False)
+    model.requires_grad_(False)
+    cache_outputs(model.to(env.device), run, prefix, env.device, cfg, env)
+    del model
+    _release_host_memory()
+    logger.info("rebuilt layer %d's cache in %.1f s", layer - 1, time.time() - t0)
+
+
+def _open_run(cfg: StackWiseConfig, env: DistEnv, layer: int) -> RunDir:
+    # rank 0 writes config.yaml and the views first; the others read them after a barrier
+    run = init_run_dir(cfg, env.rank) if env.is_main else None
+    if env.is_main and layer == 0:
+        ensure_views(cfg, run)
+    barrier()
+    return run or init_run_dir(cfg, env.rank)
+
+
+def train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv | None = None) -> StageResult:
+    """Train the stage that starts at ``layer`` on any backend. See the module docstring.
+
+    Args:
+        cfg: the whole config; ``engine.backend`` (or the launcher) picks the backend.
+        layer: first layer of the stage.
+        env: an initialised world (``train_all`` passes its own); None sets one up and tears it down.
+    """
+    if env is None:
+        with distributed(cfg) as env:
+            return _train_stage(cfg, layer, env)
+    return _train_stage(cfg, layer, env)
+
+
+def train_all(cfg: StackWiseConfig) -> list[StageResult]:
+    """Every stage in order, in one process group (distributed stages free their engine in between)."""
+    with distributed(cfg) as env:
+        return [_train_stage(cfg, k, env) for k in range(0, cfg.model.n_layers, cfg.train.layers_per_stage)]
+
+
+def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
+    stage = plan_stage(cfg, layer)
+    run = _open_run(cfg, env, layer)
+    cfg = stage_config(cfg, layer)  # issue-13 hook: train.stage_steps gives this stage its own max_steps
+    layers, device, t = list(stage.layers), env.device, cfg.train
+    if stage.inputs == "cache":
+        _rebuild_missing_cache(cfg, run, layer, env)
+    if layer > 0:
+        require_acts(run, layer - 1)
+    done = all(os.path.isfile(run.layer_ckpt(k)) for k in layers) and not run.has_resume_state(stage.name)
+    if done:
+        model = load_trained(cfg, run, layers).to(device)
+        if run.has_acts(layers[-1]):
+            logger.info("stage %d is already trained and cached in %s; nothing to do", layer, run.root)
+        else:
+            logger.info("stage %d is trained but its cache is missing: rebuilding it", layer)
+            cache_outputs(model, run, layers, device, cfg, env)
+        vl, va = evaluate_stage(model, run, layers, device, cfg, env)
+        return StageResult(layer, 0, float("nan"), vl, va, 0.0, skipped=True)
+
+    torch.manual_seed(t.seed + 1000 * layer)
+    objective = stage_objective(cfg)
+    lm = stage_model(cfg, run, layers)
+    trainable = trainable_params(lm, layers, cfg)
+    state_path, interrupted = run.resume_state(stage.name, env.backend), run.has_resume_state(stage.name)
+    backend = create_backend(env.backend, t, cfg.engine, env, state_path)
+    backend.build(StageModule(lm, layers, objective, cfg.engine.activation_checkpointing), trainable)
+    del lm
+    n_train, n_total = backend.counts()
+    start = backend.load_state() if t.resume else 0
+    if start:
+        logger.info("resumed stage %d from step %d (%s)", layer, start, state_path)
+    elif interrupted:
+        logger.info("found an interrupted stage %d; starting over (pass --resume to continue it with the same "
+                    "engine.backend)", layer)
+    tokens_per_step = t.batch_size * t.grad_accum * env.world_size * cfg.data.seq_len
+    logger.info("stage %d: layers %s on %s | backend %s x %d | %s trainable of %s params | %s tokens/step | %d steps",
+                layer, layers, device, env.backend, env.world_size, f"{n_train:,}", f"{n_total:,}",
+                f"{tokens_per_step:,}", t.max_steps)
+    prefix = FrozenPrefix(cfg, run, layer, device) if stage.inputs == "recompute" else None
+    prev = run.acts(layer - 1, "train") if stage.inputs == "cache" else None
+    stream = iter(ShardStream(run.views("train"), prev, t.batch_size, seed=t.seed, start_step=start * t.grad_accum,
+                              rank=env.rank, world=env.world_size))
+
+    def batches(step: int) -> list[dict]:
+        out = [next(stream) for _ in range(t.grad_accum)]
+        return [dict(b, x=prefix(b["x"])) for b in out] if prefix is not None else out
+
+    # train.stage_lr_decay: the i-th stage peaks at lr * decay**i
+    result = train_loop(backend, batches, objective=objective, train=t, env=env, total=t.max_steps,
+                        base_lr=t.lr * t.stage_lr_decay ** stage.index, label=layer, run_root=run.root, start=start,
+                        record={"kind": "train", "stage": layer}, tokens_per_step=tokens_per_step,
+                        flops_per_token=_flops_per_token(cfg, env))
+    # every rank gets the whole stage back; a sharded engine is freed before evaluation and caching
+    model = backend.eval_model()
+    del backend, prefix
+    _release_host_memory()
+    if env.is_main:
+        save_layers(run, model, layers, cfg, t.max_steps)
+    barrier()
+    vl, va = evaluate_stage(model, run, layers, device, cfg, env)
+    logger.info("stage %d done in %.1f s | val masked loss %.4f | val acc %.3f | rss %.0f MiB", layer, result.seconds,
+                vl, va, _rss_mib())
+    MetricsWriter(run.root, env.rank).write(
+        kind="stage", stage=layer, layers=layers, val_loss=vl, val_acc=va, train_loss=result.last_loss,
+        seconds=result.seconds, trainable_params=n_train, backend=env.backend, world_size=env.world_size)
+    cache_outputs(model, run, layers, device, cfg, env)
+    _remove_state(run, stage, env)
+    return StageResult(layer, t.max_steps, result.last_loss, vl, va, result.seconds, history=result.history)
+
+
+def _flops_per_token(cfg: StackWiseConfig, env: DistEnv) -> float | None:
+    """The planner's training FLOPs per token of one stage (for MFU); only computed on CUDA."""
+    if env.device.type != "cuda":
+        return None
+    from ..plan import plan_stage as plan
+
+    return plan(cfg, world_size=env.world_size).flops_per_token

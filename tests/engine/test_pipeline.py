@@ -14,9 +14,9 @@ from stackwise.data.activations import ActivationCacheError, ShardStream
 from stackwise.engine import checkpoint as ckpt
 from stackwise.engine.finetune import fine_tune
 from stackwise.engine.fuse import FusionError, fuse
-from stackwise.engine.run import RunDir
+from stackwise.engine.rundir import RunDir
 from stackwise.engine.sample import sample_text
-from stackwise.engine.trainer import train_all, train_stage
+from stackwise.engine.stages import train_all, train_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -117,16 +117,17 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys
 from stackwise.config import config_from_dict
-from stackwise.engine import trainer
+from stackwise.engine import stages
+from stackwise.engine.backends import single
 import yaml
 cfg = config_from_dict(yaml.safe_load(open(sys.argv[1])))
-real = trainer._save_state
+real = single._save_state
 def save_then_die(path, params, opt, step, rng):
     real(path, params, opt, step, rng)
     if step == 8:
         os.kill(os.getpid(), signal.SIGKILL)
-trainer._save_state = save_then_die
-trainer.train_stage(cfg, int(sys.argv[2]))
+single._save_state = save_then_die
+stages.train_stage(cfg, int(sys.argv[2]))
 """
 
 

@@ -9,8 +9,8 @@ import torch
 from stackwise.engine import checkpoint as ckpt
 from stackwise.engine.finetune import fine_tune
 from stackwise.engine.fuse import fuse
-from stackwise.engine.run import RunDir
-from stackwise.engine.trainer import train_all, train_stage
+from stackwise.engine.rundir import RunDir
+from stackwise.engine.stages import train_all, train_stage
 
 from stackwise.config import config_from_dict
 

@@ -33,14 +33,14 @@ def test_stage_init_from_copies_trained_layer(make_cfg, tmp_path, mode):
     """init_from copies layer k-1's (stored, trainable) weights into layer k before step 0; seeded MLP stays own."""
     from stackwise.engine import checkpoint as ckpt
     from stackwise.engine import train_stage
-    from stackwise.engine.run import RunDir
-    from stackwise.engine.trainer import _stage_model
+    from stackwise.engine.rundir import RunDir
+    from stackwise.engine.stage_model import stage_model
 
     cfg = make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=2", f"train.stage_init_from={mode}",
                    "engine.device=cpu")
     train_stage(cfg, 0)
     trained, _ = ckpt.load_tensors(RunDir(cfg).layer_ckpt(0))
-    model = _stage_model(cfg, RunDir(cfg), [1], "cpu")
+    model = stage_model(cfg, RunDir(cfg), [1])
     own = dict(model.named_parameters())
     names = [n for n in trained if n.startswith("layers.0.")]
     assert names and any("attn" in n for n in names)

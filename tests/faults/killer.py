@@ -36,9 +36,9 @@ def _count(n):
 def install(point: str, n: int) -> None:
     hit = _count(n)
     if point == "step":
-        from stackwise.engine import trainer
+        from stackwise import objective
 
-        real_loss = trainer.masked_loss
+        real_loss = objective.masked_loss
 
         def masked_loss(*a, **kw):
             out = real_loss(*a, **kw)
@@ -46,7 +46,7 @@ def install(point: str, n: int) -> None:
                 _die()
             return out
 
-        trainer.masked_loss = masked_loss
+        objective.masked_loss = masked_loss
     elif point == "ckpt_tmp":
         from stackwise.engine import checkpoint
 
@@ -97,16 +97,16 @@ def install(point: str, n: int) -> None:
 
         activations.ShardWriter.add = add
     elif point == "state_save":
-        from stackwise.engine import trainer
+        from stackwise.engine.backends import single
 
-        real_state = trainer._save_state
+        real_state = single._save_state
 
         def save_state(*a, **kw):
             real_state(*a, **kw)
             if hit():
                 _die()
 
-        trainer._save_state = save_state
+        single._save_state = save_state
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

@@ -113,27 +113,28 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, m
     import torch
 
     from stackwise.engine import checkpoint as ckpt
-    from stackwise.engine import trainer
-    from stackwise.engine.run import RunDir
+    from stackwise import objective
+    from stackwise.engine import stages
+    from stackwise.engine.rundir import RunDir
 
-    real, calls = trainer.masked_loss, [0]
+    real, calls = objective.masked_loss, [0]
 
     def loss_turns_nan(*a, **kw):
         calls[0] += 1
         out = real(*a, **kw)
         return out * float("nan") if calls[0] >= 5 else out
 
-    monkeypatch.setattr(trainer, "masked_loss", loss_turns_nan)
+    monkeypatch.setattr(objective, "masked_loss", loss_turns_nan)
     cfg = _stage_cfg(tmp_path)
     # checkpoints at steps 3 and 6, log lines at 4 and 8: step 5 diverges, and the step-6 save must not happen
     with pytest.raises(FloatingPointError, match=r"stage 0: loss became nan at step 6 .*stage_0\.state\.safetensors "
                                                  r"\(step 3\).*--resume"):
-        trainer.train_stage(cfg, 0)
+        stages.train_stage(cfg, 0)
     tensors, meta = ckpt.load_tensors(RunDir(cfg).stage_state(0))
     assert meta["step"] == "3" and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     assert not os.path.exists(RunDir(cfg).layer_ckpt(0)), "a diverged stage must not write its layer"
-    monkeypatch.setattr(trainer, "masked_loss", real)
-    r = trainer.train_stage(_stage_cfg(tmp_path, "train.resume=true"), 0)  # fixed: resumes from step 3
+    monkeypatch.setattr(objective, "masked_loss", real)
+    r = stages.train_stage(_stage_cfg(tmp_path, "train.resume=true"), 0)  # fixed: resumes from step 3
     assert math.isfinite(r.train_loss)
 
 
@@ -144,8 +145,8 @@ def test_nan_in_cached_activations_is_refused(tmp_path):
     import numpy as np
 
     from stackwise.data.activations import ActivationCacheError, _manifest_digest
-    from stackwise.engine.run import RunDir
-    from stackwise.engine.trainer import train_stage
+    from stackwise.engine.rundir import RunDir
+    from stackwise.engine.stages import train_stage
 
     cfg = _stage_cfg(tmp_path)
     train_stage(cfg, 0)

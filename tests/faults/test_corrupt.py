@@ -22,12 +22,12 @@ from stackwise.config import config_from_dict
 from stackwise.data.activations import read_manifest
 from stackwise.data.datasets import build_datasets
 from stackwise.engine import cli
-from stackwise.engine import trainer as trainer_mod
+from stackwise.engine.backends import single as single_backend
 from stackwise.engine.finetune import fine_tune
 from stackwise.engine.fuse import fuse
-from stackwise.engine.run import RunDir
+from stackwise.engine.rundir import RunDir
 from stackwise.engine.sample import sample_text
-from stackwise.engine.trainer import train_all, train_stage
+from stackwise.engine.stages import train_all, train_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": ROOT}
@@ -120,16 +120,16 @@ def test_layer_checkpoint(case, capsys, how):
 def test_stage_resume_state(case, capsys, monkeypatch, how):
     run = RunDir(cfg_of())
     os.remove(run.layer_ckpt(1))
-    real = trainer_mod._save_state
+    real = single_backend._save_state
 
     def save_then_crash(*a, **kw):
         real(*a, **kw)
         raise KeyboardInterrupt  # a crash right after the step-3 state is on disk
 
-    monkeypatch.setattr(trainer_mod, "_save_state", save_then_crash)
+    monkeypatch.setattr(single_backend, "_save_state", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train_stage(cfg_of(), 1)
-    monkeypatch.setattr(trainer_mod, "_save_state", real)
+    monkeypatch.setattr(single_backend, "_save_state", real)
     damage(run.stage_state(1), how)
     if how == "delete":
         assert train_stage(cfg_of("train.resume=true"), 1).steps == 6  # nothing to resume: starts over

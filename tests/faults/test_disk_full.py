@@ -97,8 +97,8 @@ def test_stage_on_a_full_disk_says_so_and_keeps_the_checkpoint(tiny_fs, capsys):
     from stackwise.config import config_from_dict
     from stackwise.data.activations import read_manifest
     from stackwise.engine import cli
-    from stackwise.engine.run import RunDir
-    from stackwise.engine.trainer import train_stage
+    from stackwise.engine.rundir import RunDir
+    from stackwise.engine.stages import train_stage
 
     base = {"model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64,
                       "max_seq_len": 64, "attention": {"backend": "torch"}},

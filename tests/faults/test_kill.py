@@ -18,8 +18,8 @@ from stackwise.config import config_from_dict, save_config
 from stackwise.data.activations import read_manifest
 from stackwise.engine import checkpoint as ckpt
 from stackwise.engine.fuse import fuse
-from stackwise.engine.run import RunDir
-from stackwise.engine.trainer import train_all
+from stackwise.engine.rundir import RunDir
+from stackwise.engine.stages import train_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KILLER = os.path.join(ROOT, "tests", "faults", "killer.py")

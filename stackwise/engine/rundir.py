@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: MIT
-"""The run directory: its paths, its resolved config, its masked views, and the device to run on.
+"""The run directory: its paths (:class:`RunDir`), its creation with the resolved config, and its masked views.
 
     runs/NAME/config.yaml              resolved config (a rerun with another model shape is refused)
     runs/NAME/layer_K.safetensors      trained layer K        runs/NAME/stage_K.state.safetensors  resume state
     runs/NAME/acts/views_{train,val}/  masked views           runs/NAME/acts/layer_K/{train,val}/  layer outputs
     runs/NAME/ds_stage_K/              DeepSpeed resume state runs/NAME/fsdp_stage_K/  FSDP2 resume state (DCP)
+    (the end-to-end baseline and fine-tuning keep theirs as end_to_end.* / finetune_<mode>.* the same way)
     runs/NAME/fused.safetensors        fused model            runs/NAME/finetuned_<mode>.safetensors
     runs/NAME/metrics.jsonl            one JSON line per log  runs/NAME/tokenizer.json  (text data only)
 """
@@ -24,8 +25,12 @@ from .distributed import pick_device  # noqa: F401  (re-exported: the single-pro
 from .log import logger, progress_bar
 
 
+# resumable-state directory prefix of each sharded backend (a new backend without an entry uses its own name)
+BACKEND_DIRS = {"deepspeed": "ds", "fsdp": "fsdp"}
+
+
 class RunDir:
-    """Paths of one run directory (``train.out_dir``)."""
+    """Paths of one run directory (``train.out_dir``); no planning (that is :mod:`stackwise.engine.stages`)."""
 
     def __init__(self, cfg: StackWiseConfig):
         self.cfg = cfg
@@ -34,22 +39,31 @@ class RunDir:
     def layer_ckpt(self, k: int) -> str:
         return os.path.join(self.root, f"layer_{k}.safetensors")
 
-    def stage_state(self, k: int) -> str:
-        return os.path.join(self.root, f"stage_{k}.state.safetensors")
+    def resume_state(self, name: str, backend: str) -> str:
+        """Where ``backend`` keeps the resumable state of run part ``name`` (``stage_3``, ``end_to_end``,
+        ``finetune_clm``): ``<name>.state.safetensors`` for single, ``ds_<name>/`` or ``fsdp_<name>/`` otherwise."""
+        if backend == "single":
+            return os.path.join(self.root, f"{name}.state.safetensors")
+        return os.path.join(self.root, f"{BACKEND_DIRS.get(backend, backend)}_{name}")
 
-    def ds_state(self, k: int) -> str:
-        return os.path.join(self.root, f"ds_stage_{k}")
+    def stage_state(self, first: int) -> str:
+        """The single backend's resumable state of the stage starting at layer ``first``."""
+        return self.resume_state(f"stage_{first}", "single")
 
-    def fsdp_state(self, k: int) -> str:
-        return os.path.join(self.root, f"fsdp_stage_{k}")
+    def has_resume_state(self, name: str) -> bool:
+        """Whether run part ``name`` was interrupted (some backend left resumable state behind)."""
+        single = self.resume_state(name, "single")
+        return os.path.exists(single) or any(os.path.isdir(os.path.join(self.root, f"{d}_{name}"))
+                                             for d in BACKEND_DIRS.values())
 
-    def resume_state(self, k: int, backend: str) -> str:
-        """Where ``backend`` keeps stage k's resumable state (a file for single, a directory otherwise)."""
-        return {"single": self.stage_state, "deepspeed": self.ds_state, "fsdp": self.fsdp_state}[backend](k)
-
-    def has_stage_state(self, k: int) -> bool:
-        """Whether stage k was interrupted (any backend left resumable state behind)."""
-        return any(os.path.exists(self.resume_state(k, b)) for b in ("single", "deepspeed", "fsdp"))
+    def remove_resume_state(self, name: str) -> None:
+        """Delete every backend's resumable state of run part ``name`` (after it finished)."""
+        for b in ("single", *BACKEND_DIRS):
+            path = self.resume_state(name, b)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.isfile(path):
+                os.remove(path)
 
     def views(self, split: str) -> str:
         return os.path.join(self.root, "acts", f"views_{split}")
@@ -75,20 +89,6 @@ class RunDir:
     def has_acts(self, k: int, splits: tuple[str, ...] | None = None) -> bool:
         splits = splits or self.cache_splits()
         return all(os.path.isfile(os.path.join(self.acts(k, s), "manifest.json")) for s in splits)
-
-    def stage_layers(self, first: int) -> list[int]:
-        K = self.cfg.train.layers_per_stage
-        if first % K:
-            raise ConfigError(
-                f"--layer {first} is not the first layer of a stage: with train.layers_per_stage={K} stages start "
-                f"at layers {list(range(0, self.cfg.model.n_layers, K))}"
-            )
-        if not 0 <= first < self.cfg.model.n_layers:
-            raise ConfigError(
-                f"--layer {first} is out of range: model.n_layers is {self.cfg.model.n_layers} (layers 0.."
-                f"{self.cfg.model.n_layers - 1})"
-            )
-        return list(range(first, first + K))
 
 
 # sections that must agree between runs sharing a directory: they decide what the stored tensors mean
@@ -184,36 +184,3 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
 def _head(data, n: int) -> torch.utils.data.Subset:
     """The first ``n`` items of ``data`` (all of them when it has fewer)."""
     return torch.utils.data.Subset(data, range(min(n, len(data))))
-
-
-def require_acts(run: RunDir, k: int) -> None:
-    """Refuse to start stage k+1 without layer k's checkpoint and cache, naming what to run."""
-    ckpt = run.layer_ckpt(k)
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(
-            f"layer {k}'s checkpoint {ckpt} is missing, so layer {k + 1} has no inputs; train it first: "
-            f"python launchers/train_layer.py --config {os.path.join(run.root, 'config.yaml')} --layer {k}"
-        )
-    for split in run.cache_splits():
-        read_manifest(run.acts(k, split), what=f"layer {k}'s activation cache")
-    if run.cfg.engine.cache == "recompute":
-        for j in range(k):
-            if not os.path.isfile(run.layer_ckpt(j)):
-                raise FileNotFoundError(
-                    f"engine.cache=recompute rebuilds layer {k + 1}'s inputs from layers 0..{k}, but {run.layer_ckpt(j)} "
-                    f"is missing; train layer {j} first or use engine.cache=disk"
-                )
-
-
-def next_stage(cfg: StackWiseConfig) -> int:
-    """First layer of the earliest stage without a checkpoint and cache (the default of ``--layer``)."""
-    run = RunDir(cfg)
-    K = cfg.train.layers_per_stage
-    for first in range(0, cfg.model.n_layers, K):
-        last = first + K - 1
-        if not os.path.isfile(run.layer_ckpt(last)) or not run.has_acts(last) or run.has_stage_state(first):
-            return first
-    raise ConfigError(
-        f"every stage of {run.root} is already trained ({cfg.model.n_layers} layers); pass --layer K to retrain one "
-        f"(delete layer_K.safetensors first) or fuse: python launchers/fuse.py --config {run.root}/config.yaml"
-    )

@@ -143,3 +143,38 @@ def test_batched_errors(make_cfg):
         generate_diffusion(model, [[1, model.mask_id], [2]], 2)
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
         generate_clm(model, [[1] * 100, [2]], 29)
+
+
+def test_launcher_repeated_prompt_equals_single_runs(make_cfg, tmp_path, monkeypatch, capsys):
+    """launchers/generate.py --prompt A --prompt B: one batch, each text equal to its one-prompt run."""
+    import importlib.util
+    import os
+    import sys
+
+    import yaml
+
+    from stackwise.engine.checkpoint import save_model
+    from stackwise.engine.sample import sample_text, sample_texts
+
+    cfg = make_cfg("data.dummy=true", f"train.out_dir={tmp_path}", "model.attention.attention_type=mla")
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "model.safetensors")
+    save_model(ckpt, StackWiseLM(cfg.model), cfg)
+    prompts = ["1 2 3", "4", "5 6 7 8 9"]
+    kw = dict(checkpoint=ckpt, max_new_tokens=4, temperature=1.0, seed=3)
+    _, texts = sample_texts(cfg, prompts, **kw)
+    assert texts == [sample_text(cfg, p, **kw)[1] for p in prompts]
+    assert [len(t.split()) for t in texts] == [7, 5, 9]
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gen_launcher", os.path.join(root, "launchers", "generate.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    argv = ["generate.py", "--config", str(cfg_file), "--checkpoint", ckpt, "--max_new_tokens", "4",
+            "--temperature", "1.0", "--seed", "3"] + [a for p in prompts for a in ("--prompt", p)]
+    monkeypatch.setattr(sys, "argv", argv)
+    launcher.main()
+    out = capsys.readouterr().out.strip().split("\n\n")
+    assert out[0].splitlines()[1:] == [texts[0]] and out[1:] == texts[1:]

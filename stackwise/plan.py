@@ -441,7 +441,7 @@ def _main(argv: list[str] | None = None) -> None:
     print(f"KV cache for generation ({common['dtype']}, {cfg.model.n_layers} layers; "
           f"{cfg.model.attention.attention_type} uses {plan_kv_cache(cfg).cache}):\n{kv_cache_table(kv)}")
     print("JSON " + json.dumps({"stage": json.loads(stage.to_json()), "end_to_end": json.loads(e2e.to_json()),
-                                "training_state_ratio": ratio, "kv_cache": [dataclasses.asdict(p) for p in kv]}))
+                                "training_state_ratio": ratio, "kv_cache": [p.to_dict() for p in kv]}))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,11 @@ class KVCachePlan:
         """Recurrent-state bytes per sequence, all layers (kernel_state only)."""
         return self.state_values_per_sequence_per_layer * DTYPE_BYTES[self.dtype] * self.n_layers
 
+    def to_dict(self) -> dict:
+        """The fields plus bytes_per_token and state_bytes_per_sequence (for JSON)."""
+        return dict(dataclasses.asdict(self), bytes_per_token=self.bytes_per_token,
+                    state_bytes_per_sequence=self.state_bytes_per_sequence)
+
     def bytes_for(self, batch: int, seq_len: int) -> int:
         """Cache bytes of ``batch`` sequences of ``seq_len`` tokens."""
         return batch * seq_len * self.bytes_per_token + batch * self.state_bytes_per_sequence

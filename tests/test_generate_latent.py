@@ -102,7 +102,7 @@ def test_planner_srd_mla_dims():
     assert plans["mla_latent"].values_per_token_per_layer == 576  # 512 + 64
     assert plans["mla_expanded"].values_per_token_per_layer == 10_240  # 32 x (192 + 128)
     assert plans["mha"].values_per_token_per_layer == 8192 and plans["gqa"].values_per_token_per_layer == 2048
-    assert plans["mla_latent"].bytes_per_token == 576 * 2 * 8
+    assert plans["mla_latent"].bytes_per_token == 576 * 2 * 8 == plans["mla_latent"].to_dict()["bytes_per_token"]
     kern = plans["kernel_state"]
     assert kern.values_per_token_per_layer == 0 and kern.bytes_for(1, 10) == kern.bytes_for(1, 10_000)
     table = kv_cache_table(list(plans.values()))

@@ -1,19 +1,23 @@
 # SPDX-License-Identifier: MIT
 """Sample from a run: ``python launchers/generate.py --config FILE --mode clm|diffusion --prompt TEXT``.
 
+--prompt may be repeated: the prompts (any lengths) run as one left-padded batch, each with its own
+generator seeded by --seed, so each continuation equals a one-prompt run with the same --seed.
+
 --mode clm samples left to right with a KV cache (from finetuned_clm, else the fused model); --mode
 diffusion starts the continuation all-[MASK] and unmasks it over --steps iterations. --checkpoint PATH
 picks another model.
 """
 
 from stackwise.engine.cli import main_guard, parse, parser
-from stackwise.engine.sample import sample_text
+from stackwise.engine.sample import sample_texts
 
 
 @main_guard
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--prompt", default="", help="text to continue (token ids separated by spaces for dummy runs)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (token ids separated by spaces for dummy runs); repeat for a batch")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: max_new_tokens)")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -21,10 +25,10 @@ def main() -> None:
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     args, cfg = parse(p)
-    path, text = sample_text(cfg, args.prompt, mode=cfg.objective.fine_tune_mode, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
-                             seed=args.seed)
-    print(f"[{path}]\n{text}")
+    path, texts = sample_texts(cfg, args.prompt or [""], mode=cfg.objective.fine_tune_mode,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, steps=args.steps, seed=args.seed)
+    print(f"[{path}]\n" + "\n\n".join(texts))
 
 
 if __name__ == "__main__":

@@ -102,9 +102,14 @@ class StackWiseLM(nn.Module):
         end: int | None = None,
         attention_mode: str | None = None,
         caches: list[KVCache] | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run blocks ``start .. end-1`` on h [B, T, C]; every block in the range must be built."""
+        """Run blocks ``start .. end-1`` on h [B, T, C]; every block in the range must be built.
+
+        For left-padded batches (``stackwise.generate``) ``start_pos`` may be per-row RoPE positions [B, T]
+        (int64) and ``key_mask`` [B, S] bool marks the real keys (S = cached + new positions).
+        """
         end = self.cfg.n_layers if end is None else end
         if not 0 <= start <= end <= self.cfg.n_layers:
             raise ValueError(f"layer range [{start}, {end}) is invalid for model.n_layers={self.cfg.n_layers}")
@@ -114,7 +119,8 @@ class StackWiseLM(nn.Module):
             if not isinstance(block, TransformerBlock):
                 raise RuntimeError(f"layer {i} was not built in this model (built: {self.built_layers})")
             cache = caches[i] if caches is not None else None
-            h = block(h, self.rope, causal=causal, cache=cache, start_pos=start_pos)
+            kw = {} if key_mask is None else {"key_mask": key_mask}
+            h = block(h, self.rope, causal=causal, cache=cache, start_pos=start_pos, **kw)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from .config import DTYPES, StackWiseConfig
+from .plan_kv import KVCachePlan, kv_cache_table, plan_kv_cache, plan_kv_caches  # noqa: F401 (re-exported)
 
 log = logging.getLogger("stackwise")
 
@@ -435,9 +436,12 @@ def _main(argv: list[str] | None = None) -> None:
     print(stage.table(), "\n")
     print(e2e.table(), "\n")
     ratio = e2e.training_state / stage.training_state
-    print(f"end-to-end / stage training state: {ratio:.1f}x; peak: {e2e.total / stage.total:.1f}x")
+    print(f"end-to-end / stage training state: {ratio:.1f}x; peak: {e2e.total / stage.total:.1f}x\n")
+    kv = plan_kv_caches(cfg, dtype=common["dtype"])
+    print(f"KV cache for generation ({common['dtype']}, {cfg.model.n_layers} layers; "
+          f"{cfg.model.attention.attention_type} uses {plan_kv_cache(cfg).cache}):\n{kv_cache_table(kv)}")
     print("JSON " + json.dumps({"stage": json.loads(stage.to_json()), "end_to_end": json.loads(e2e.to_json()),
-                                "training_state_ratio": ratio}))
+                                "training_state_ratio": ratio, "kv_cache": [p.to_dict() for p in kv]}))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 from .attention import Attention, FeatureAttention, KVCache
 from .block import TransformerBlock, build_attention
-from .mla import MultiLatentAttention
+from .mla import LatentKVCache, MultiLatentAttention
 from .mlp import SwiGLU
 from .norm import RMSNorm, RotaryEmbedding
 
@@ -11,6 +11,7 @@ __all__ = [
     "Attention",
     "FeatureAttention",
     "KVCache",
+    "LatentKVCache",
     "MultiLatentAttention",
     "RMSNorm",
     "RotaryEmbedding",

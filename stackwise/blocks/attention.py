@@ -11,11 +11,15 @@ repeating them.
 (``stackwise.kernels.feature_attention``); its projection W is regenerated from ``kernel_seed``.
 
 Every block calls the public ops of ``stackwise.kernels``; the backend comes from ``attention.backend``.
+Batched generation with prompts of different lengths passes ``key_mask`` [B, S] (False = a padding key) and
+per-row RoPE positions (``start_pos`` as a [B, T] tensor); with a key mask the block runs torch SDPA with a
+boolean mask (``masked_attention``), and without one nothing changes.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -35,18 +39,70 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (all rows and positions)."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
         return self.k, self.v
 
 
-def cached_attention(q, k, v, *, causal: bool, cache: KVCache | None, scale=None, backend="auto"):
+def rotate(rope: nn.Module, x: torch.Tensor, pos) -> torch.Tensor:
+    """RoPE on x [B, H, T, d] at positions start_pos .. start_pos + T - 1 (``pos`` an int), or at per-row
+    positions ``pos`` [B, T] (int64; left-padded batches, where each row counts from its first real token)."""
+    if not isinstance(pos, torch.Tensor):
+        return rope(x, pos)
+    if rope.cos.is_meta:
+        return x
+    if pos.numel() and int(pos.max()) >= rope.max_seq_len:
+        raise ValueError(f"sequence positions up to {int(pos.max()) + 1} exceed model.max_seq_len "
+                         f"({rope.max_seq_len}); raise model.max_seq_len")
+    cos = rope.cos.to(x.device)[pos].unsqueeze(1)  # [B, 1, T, d/2], same math as RotaryEmbedding.forward
+    sin = rope.sin.to(x.device)[pos].unsqueeze(1)
+    xf = x.float()
+    x1, x2 = xf[..., : rope.dim // 2], xf[..., rope.dim // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def allowed_keys(key_mask: torch.Tensor, T: int, *, causal: bool) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, S] for T queries that are the last T of S positions.
+
+    key_mask [B, S] is True for real keys. Each query also sees its own position, so a padding query (every
+    key before it masked) stays finite; a real query's own key is real, so this changes nothing for it.
+    """
+    S = key_mask.shape[1]
+    q_pos = torch.arange(S - T, S, device=key_mask.device)[:, None]  # [T, 1]
+    k_pos = torch.arange(S, device=key_mask.device)[None, :]  # [1, S]
+    allowed = key_mask[:, None, None, :]
+    if causal:
+        allowed = allowed & (k_pos <= q_pos)
+    return allowed | (k_pos == q_pos)
+
+
+def masked_attention(q, k, v, *, causal: bool, key_mask: torch.Tensor, scale=None) -> torch.Tensor:
+    """Softmax attention with a key mask (torch SDPA): q [B, H, T, Dqk], k [B, Hkv, S, Dqk], v [B, Hkv, S, Dv],
+    key_mask [B, S] bool (True = attend) -> [B, H, T, Dv]. The T queries are the last T of the S positions."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    mask = allowed_keys(key_mask.to(q.device), q.shape[2], causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def cached_attention(q, k, v, *, causal: bool, cache: KVCache | None, scale=None, backend="auto", key_mask=None):
     """Attention that optionally appends to a KV cache.
 
     Prefill (empty cache) runs the normal op; a decoding step (one query token) attends to every cached
-    key. Chunked prefill on top of a cache (T > 1 with keys already cached) is not supported.
+    key. Chunked prefill on top of a cache (T > 1 with keys already cached) is not supported. ``key_mask``
+    [B, S] (S = cached + new keys; False = padding) switches to :func:`masked_attention`.
     """
+    if key_mask is not None:
+        if cache is not None:
+            k, v = cache.append(k, v)
+        return masked_attention(q, k, v, causal=causal, key_mask=key_mask, scale=scale)
     if cache is None:
         return attention_op(q, k, v, causal=causal, scale=scale, backend=backend)
     had = cache.length
@@ -83,19 +139,19 @@ class Attention(nn.Module):
         out_std = self.init_std / (2 * self.n_layers) ** 0.5
         _init_linear(self.o_proj, out_std, self.init_seed, self.layer_idx, "attn.o_proj")
 
-    def _qkv(self, x: torch.Tensor, rope: nn.Module | None, start_pos: int):
+    def _qkv(self, x: torch.Tensor, rope: nn.Module | None, start_pos):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = rope(q, start_pos), rope(k, start_pos)
+            q, k = rotate(rope, q, start_pos), rotate(rope, k, start_pos)
         return q, k, v
 
-    def forward(self, x, rope=None, *, causal: bool, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, rope=None, *, causal: bool, cache: KVCache | None = None, start_pos=0, key_mask=None):
         B, T, _ = x.shape
         q, k, v = self._qkv(x, rope, start_pos)
-        o = cached_attention(q, k, v, causal=causal, cache=cache, backend=self.backend)  # [B, H, T, D]
+        o = cached_attention(q, k, v, causal=causal, cache=cache, backend=self.backend, key_mask=key_mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -113,9 +169,12 @@ class FeatureAttention(Attention):
         W = draw_features(self.head_dim, a.kernel_n_features, family=a.kernel_family, seed=a.kernel_seed)
         self.register_buffer("W", W, persistent=False)
 
-    def forward(self, x, rope=None, *, causal: bool, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, rope=None, *, causal: bool, cache: KVCache | None = None, start_pos=0, key_mask=None):
         if cache is not None:
             raise NotImplementedError("feature attention has no KV cache; decode by recomputing the prefix")
+        if key_mask is not None:
+            raise NotImplementedError("feature attention takes no key mask (padding keys would enter its sums); "
+                                      "run prompts of different lengths one at a time")
         B, T, _ = x.shape
         q, k, v = self._qkv(x, rope, start_pos)
         o = feature_attention(q, k, v, self.W, causal=causal, feature_map=self.feature_map, backend=self.backend)

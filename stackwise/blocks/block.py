@@ -35,6 +35,8 @@ class TransformerBlock(nn.Module):
         self.mlp = SwiGLU(cfg, layer_idx)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, *, causal: bool, cache: KVCache | None = None, start_pos: int = 0):
-        h = x + self.drop(self.attn(self.attn_norm(x), rope, causal=causal, cache=cache, start_pos=start_pos))
+    def forward(self, x, rope=None, *, causal: bool, cache: KVCache | None = None, start_pos=0, key_mask=None):
+        """start_pos: int, or per-row positions [B, T] (int64); key_mask: None or [B, S] bool (False = padding)."""
+        kw = {} if key_mask is None else {"key_mask": key_mask}
+        h = x + self.drop(self.attn(self.attn_norm(x), rope, causal=causal, cache=cache, start_pos=start_pos, **kw))
         return h + self.drop(self.mlp(self.mlp_norm(h)))

@@ -12,7 +12,12 @@ Per token x [C]:
 Parameter names match Hugging Face ``DeepseekV2Attention`` (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``,
 ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``). RoPE here is rotate-half;
 DeepSeek-V2 checkpoints use the interleaved layout and are permuted on import.
-The cache keeps full per-head keys and values (not the latent), which is simple but not memory-optimal.
+Decoding caches: a ``LatentKVCache`` keeps only [c, RoPE(k_rope)] per token (``mla_rkv + qk_rope_head_dim``
+values, what MLA exists to cache) and decodes in DeepSeek-V2's absorbed form: W_UK (the k_nope rows of
+``kv_b_proj``) is folded into the query, q_lat = q_nope W_UK [H, mla_rkv], so every head scores the shared
+latent directly (multi-query attention over [c, k_rope]); the attention output stays in latent space until
+W_UV (the v rows) and ``o_proj``. A ``KVCache`` keeps the expanded per-head keys and values
+(H * (d_nope + d_rope + d_v) values per token), kept for comparison.
 """
 
 from __future__ import annotations
@@ -22,8 +27,29 @@ from torch import nn
 
 from ..config import ModelConfig
 from ._init import seeded_normal_
-from .attention import KVCache, cached_attention
+from .attention import KVCache, allowed_keys, cached_attention, rotate
 from .norm import RMSNorm
+
+
+class LatentKVCache:
+    """MLA's decoding cache for one layer: kv [B, S, mla_rkv + qk_rope_head_dim] = [c, RoPE(k_rope)] per token,
+    c the normalised KV latent (DeepSeek's compressed_kv) and k_rope the key part shared by all heads."""
+
+    def __init__(self) -> None:
+        self.kv: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.kv is None else self.kv.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (all rows and positions)."""
+        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+
+    def append(self, kv: torch.Tensor) -> torch.Tensor:
+        self.kv = kv if self.kv is None else torch.cat([self.kv, kv], dim=1)
+        return self.kv
 
 
 class MultiLatentAttention(nn.Module):
@@ -59,7 +85,8 @@ class MultiLatentAttention(nn.Module):
             elif isinstance(mod, RMSNorm):
                 mod.reset_parameters()
 
-    def forward(self, x, rope=None, *, causal: bool, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, rope=None, *, causal: bool, cache: KVCache | LatentKVCache | None = None, start_pos=0,
+                key_mask=None):
         B, T, _ = x.shape
         H = self.n_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.rq > 0 else self.q_proj(x)
@@ -67,12 +94,40 @@ class MultiLatentAttention(nn.Module):
         q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
         kv_a = self.kv_a_proj_with_mqa(x)  # [B, T, rkv + d_rope]
         latent, k_rope = kv_a.split([self.rkv, self.d_rope], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, H, self.d_nope + self.d_v).transpose(1, 2)
-        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [B, H, T, d_nope], [B, H, T, d_v]
+        c = self.kv_a_layernorm(latent)  # [B, T, rkv]
         k_rope = k_rope.unsqueeze(1)  # [B, 1, T, d_rope], shared by all heads
         if rope is not None and self.d_rope:
-            q_rope, k_rope = rope(q_rope, start_pos), rope(k_rope, start_pos)
+            q_rope, k_rope = rotate(rope, q_rope, start_pos), rotate(rope, k_rope, start_pos)
+        if isinstance(cache, LatentKVCache):
+            had = cache.length
+            kv_all = cache.append(torch.cat([c, k_rope.squeeze(1)], dim=-1))  # [B, S, rkv + d_rope]
+            if had:  # decoding: absorbed form on the cached latent
+                o = self._absorbed(q_nope, q_rope, kv_all, causal=causal, key_mask=key_mask)
+                return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.d_v))
+            cache = None  # prefill: the expanded form below (compute-bound; equal to the uncached forward)
+        kv = self.kv_b_proj(c).view(B, T, H, self.d_nope + self.d_v).transpose(1, 2)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [B, H, T, d_nope], [B, H, T, d_v]
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, H, T, self.d_rope)], dim=-1)
-        o = cached_attention(q, k, v.contiguous(), causal=causal, cache=cache, scale=self.scale, backend=self.backend)
+        o = cached_attention(q, k, v.contiguous(), causal=causal, cache=cache, scale=self.scale, backend=self.backend,
+                             key_mask=key_mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.d_v))
+
+    def _absorbed(self, q_nope, q_rope, kv, *, causal: bool, key_mask=None) -> torch.Tensor:
+        """q_nope [B, H, T, d_nope], q_rope [B, H, T, d_rope] (rotated), kv [B, S, rkv + d_rope] -> o [B, H, T, d_v].
+
+        The T queries are the last T of the S cached positions. Scores q.k = (q_nope W_UK) . c + q_rope . k_rope.
+        """
+        B, H, T, _ = q_nope.shape
+        S = kv.shape[1]
+        w = self.kv_b_proj.weight.view(H, self.d_nope + self.d_v, self.rkv)
+        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope :]  # [H, d_nope, rkv], [H, d_v, rkv]
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # [B, H, T, rkv]
+        q_all = torch.cat([q_lat, q_rope], dim=-1).reshape(B, H * T, self.rkv + self.d_rope)
+        scores = torch.matmul(q_all, kv.transpose(1, 2)).view(B, H, T, S).float() * self.scale
+        if key_mask is not None or (causal and T > 1):
+            mask = torch.ones(B, S, dtype=torch.bool, device=kv.device) if key_mask is None else key_mask
+            scores = scores.masked_fill(~allowed_keys(mask.to(kv.device), T, causal=causal), float("-inf"))
+        p = torch.softmax(scores, dim=-1).to(kv.dtype)
+        o_lat = torch.matmul(p.view(B, H * T, S), kv[..., : self.rkv]).view(B, H, T, self.rkv)
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # [B, H, T, d_v]

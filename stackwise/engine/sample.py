@@ -25,13 +25,21 @@ def pick_checkpoint(cfg: StackWiseConfig, mode: str) -> str:
     )
 
 
-def sample_text(cfg: StackWiseConfig, prompt: str, *, mode: str = "clm", max_new_tokens: int = 64,
-                temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95, steps: int | None = None,
-                seed: int = 0, checkpoint: str | None = None) -> tuple[str, str]:
+def sample_text(cfg: StackWiseConfig, prompt: str, **kwargs) -> tuple[str, str]:
     """Generate a continuation of ``prompt``; returns (checkpoint used, decoded text incl. the prompt).
+    Keyword arguments as :func:`sample_texts`."""
+    path, texts = sample_texts(cfg, [prompt], **kwargs)
+    return path, texts[0]
+
+
+def sample_texts(cfg: StackWiseConfig, prompts: list[str], *, mode: str = "clm", max_new_tokens: int = 64,
+                 temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95, steps: int | None = None,
+                 seed: int = 0, checkpoint: str | None = None) -> tuple[str, list[str]]:
+    """Continue every prompt in one batch (any lengths); returns (checkpoint used, decoded texts incl. prompts).
 
     ``mode="clm"`` samples left to right with a KV cache; "diffusion"/"mlm" unmask all new positions over
-    ``steps`` iterations (default max_new_tokens) with low-confidence remasking.
+    ``steps`` iterations (default max_new_tokens) with low-confidence remasking. Every prompt draws from its
+    own generator seeded with ``seed``, so its text is the one a one-prompt call with that seed gives.
     """
     from ..data.text import load_tokenizer
 
@@ -52,18 +60,13 @@ def sample_text(cfg: StackWiseConfig, prompt: str, *, mode: str = "clm", max_new
 
         raise DataError(f"tokenizer {tok_path} has mask id {tok.mask_id} but {path} was trained with "
                         f"{mcfg.model.mask_id}; it was modified or belongs to another run: restore it")
-    if tok is None:
-        # dummy-data runs have no tokenizer: the prompt is a space-separated list of token ids
-        ids = [int(t) for t in prompt.split()] if prompt.strip() else []
-    else:
-        ids = tok.encode(prompt)
-    prompt_ids = torch.tensor([ids], dtype=torch.long)
-    g = torch.Generator(device=device).manual_seed(seed)
+    # dummy-data runs have no tokenizer: a prompt is a space-separated list of token ids
+    prompt_ids = [tok.encode(p) if tok is not None else [int(t) for t in p.split()] for p in prompts]
+    g = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
     if mode == "clm":
         out = generate_clm(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            generator=g)
     else:
         out = generate_diffusion(model, prompt_ids, max_new_tokens, steps=steps, temperature=0.0, generator=g)
-    ids_out = out[0].tolist()
-    text = tok.decode(ids_out) if tok is not None else " ".join(map(str, ids_out))
-    return path, text
+    texts = [tok.decode(r.tolist()) if tok is not None else " ".join(map(str, r.tolist())) for r in out]
+    return path, texts

@@ -6,7 +6,7 @@ Top-level names are imported lazily so ``python -m stackwise.config`` and light 
 
 __version__ = "0.1.0"
 
-__all__ = ["StackWiseConfig", "StackWiseLM", "load_config", "__version__"]
+__all__ = ["StackWiseConfig", "StackWiseLM", "export_hf", "import_hf", "load_config", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,4 +18,9 @@ def __getattr__(name: str):
         from .model import StackWiseLM
 
         return StackWiseLM
+    if name in ("import_hf", "export_hf"):
+        # Hugging Face interop lives in stackwise.interop; the model module never imports it
+        from .interop import hf
+
+        return getattr(hf, name)
     raise AttributeError(f"module 'stackwise' has no attribute {name!r}")

@@ -47,13 +47,6 @@ class StackWiseLM(nn.Module):
         self.rope = self._build_rope(cfg)
         self.reset_parameters()
 
-    @classmethod
-    def from_hf(cls, path_or_state_dict, **kwargs) -> "StackWiseLM":
-        """Build from Hugging Face Llama / DeepSeek-V2 weights; see :func:`stackwise.interop.hf.import_hf`."""
-        from .interop.hf import import_hf
-
-        return import_hf(path_or_state_dict, **kwargs)
-
     @staticmethod
     def _build_rope(cfg: ModelConfig) -> RotaryEmbedding | None:
         if not cfg.use_rope:

@@ -320,10 +320,12 @@ def test_stackwise_never_imports_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_from_hf_classmethod(make_cfg, tmp_path):
-    if not hasattr(StackWiseLM, "from_hf"):
-        pytest.skip("StackWiseLM.from_hf is not in stackwise/model.py yet (see .notes/hf_readme.md)")
+def test_top_level_import_hf_and_model_module_without_interop(make_cfg, tmp_path):
+    import stackwise
+
+    code = "import sys, stackwise.model; assert 'stackwise.interop' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
     model = _sw(make_cfg, "mla")
-    export_hf(model, tmp_path)
-    back = StackWiseLM.from_hf(tmp_path, overrides=TORCH)
+    stackwise.export_hf(model, tmp_path)
+    back = stackwise.import_hf(tmp_path, overrides=TORCH)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per round and side")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared machine)")
     args, overrides = ap.parse_known_args(argv)
 
     import torch
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     from stackwise.model import StackWiseLM
     from stackwise.objective import Objective
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(args.config, DEFAULTS + overrides)
     t, m, k = cfg.train, cfg.model, 1
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     done = [0]
     run_root = tempfile.mkdtemp(prefix="stackwise-overhead-")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from stackwise.config import config_from_dict, save_config
-from stackwise.data.activations import read_manifest
+from stackwise.data.activations import entry_hash, read_manifest
 from stackwise.engine import checkpoint as ckpt
 from stackwise.engine.fuse import fuse
 from stackwise.engine.run import RunDir
@@ -58,7 +58,7 @@ def snapshot(cfg) -> dict:
                                                      for s in run.cache_splits()]
     for d in dirs:
         m = read_manifest(d)
-        out[os.path.relpath(d, run.root)] = [f["sha256"] for s in m["shards"] for f in s["files"].values()]
+        out[os.path.relpath(d, run.root)] = [entry_hash(f) for s in m["shards"] for f in s["files"].values()]
     return out
 
 

@@ -377,8 +377,13 @@ def views_fingerprint(views_manifest: dict) -> str:
     return h.hexdigest()
 
 
-# the streaming reader is its own module; its name stays importable from here (the engine imports it so)
-from .stream import ShardStream  # noqa: E402
+def __getattr__(name: str):
+    """``ShardStream`` lives in :mod:`.stream` (which imports this module); it stays importable from here."""
+    if name == "ShardStream":
+        from .stream import ShardStream
+
+        return ShardStream
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["ActivationCacheError", "ShardStream", "ShardWriter", "build_views", "entry_hash", "from_storage",
            "hash_bytes", "load_shard", "merge_shard_entries", "new_hasher", "read_manifest", "read_shard_array",

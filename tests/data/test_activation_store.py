@@ -92,9 +92,16 @@ def test_unknown_hash_and_missing_blake3_are_named(tmp_path, monkeypatch):
 
 
 def test_stream_reexported_and_prefetch_verifies(tmp_path):
+    import subprocess
+    import sys
+
     from stackwise.data.stream import ShardStream as S
 
     assert S is ShardStream
+    # either module may be imported first
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-c", "import stackwise.data.stream"], check=True, env=env)
     v = ShardWriter(str(tmp_path / "views"), "views")
     for i in range(3):
         ids = np.full((4, 5), i, np.int32)

@@ -196,16 +196,20 @@ def _io_case(total_mb: int, shard_mb: int, repeats: int = 3) -> dict:
 
         # every read starts from a dropped page cache; the cases alternate and the median of `repeats` counts
         cases = {"disk_seq": big, "shards": shards, "shards_verified": verified, "shards_sha256": sha256_old}
+        # CPU seconds per GiB (this process, user + system) show what each read costs apart from waiting on the disk
         runs: dict[str, list[float]] = {k: [] for k in cases}
+        cpu: dict[str, list[float]] = {k: [] for k in cases}
         for _ in range(repeats):
             for key, fn in cases.items():
                 out["dropped_page_cache"] = _drop_caches()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 got = fn()
                 runs[key].append(got / 2**20 / (time.perf_counter() - t0))
+                cpu[key].append((time.process_time() - c0) / (got / 2**30))
         for key, v in runs.items():
             out[f"{key}_MBps"] = sorted(v)[len(v) // 2]
             out[f"{key}_MBps_all"] = [round(x) for x in v]
+            out[f"{key}_cpu_s_per_GiB"] = round(sorted(cpu[key])[len(v) // 2], 3)
         disk = out["disk_seq_MBps"]
         out["ratio_shards_to_disk"] = out["shards_MBps"] / disk
         out["ratio_verified_to_disk"] = out["shards_verified_MBps"] / disk
@@ -258,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['shards_MBps']:.0f} MB/s ({100 * r['ratio_shards_to_disk']:.0f}%) | store's verified read "
                   f"({r['hash']}) {r['shards_verified_MBps']:.0f} MB/s ({100 * r['ratio_verified_to_disk']:.0f}%) | "
                   f"old whole-file sha256 {r['shards_sha256_MBps']:.0f} MB/s ({100 * r['ratio_sha256_to_disk']:.0f}%)"
-                  f"; medians of {r['repeats']}, page cache dropped: {r['dropped_page_cache']}")
+                  f"; medians of {r['repeats']}, page cache dropped: {r['dropped_page_cache']}; CPU s/GiB: verified "
+                  f"{r['shards_verified_cpu_s_per_GiB']}, np.load {r['shards_cpu_s_per_GiB']}, old sha256 "
+                  f"{r['shards_sha256_cpu_s_per_GiB']}")
             print("JSON " + json.dumps(r))
             results[case] = r
             continue

@@ -385,6 +385,6 @@ def __getattr__(name: str):
         return ShardStream
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["ActivationCacheError", "ShardStream", "ShardWriter", "build_views", "entry_hash", "from_storage",
+__all__ = ["ActivationCacheError", "ShardWriter", "build_views", "entry_hash", "from_storage",
            "hash_bytes", "load_shard", "merge_shard_entries", "new_hasher", "read_manifest", "read_shard_array",
            "retired_dir", "set_entry_digest", "staging_dir", "to_storage", "views_fingerprint"]

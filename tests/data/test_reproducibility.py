@@ -6,7 +6,6 @@
 - a stage trained twice with the same seed and the same torch thread count gives bit-identical losses and weights.
 """
 
-import hashlib
 import json
 import os
 import subprocess

@@ -22,15 +22,18 @@ setup(
         "pyyaml",
         "safetensors",
         "tqdm",
+        # verifies every activation-shard read at disk speed (stackwise/data/activations.py); pinned
+        "blake3==1.0.11",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.14"],
         # flash-attn ships no wheel and needs CUDA to build; it is imported lazily by the benchmarks only.
         "flash": ["flash-attn"],
-        "data": ["tokenizers>=0.15"],
+        # zstandard reads .zst corpora (data.text_files); .gz, .bz2 and .xz need only the standard library
+        "data": ["tokenizers>=0.15", "zstandard==0.25.0"],
         "plot": ["matplotlib"],
         "hf": ["transformers>=4.56"],
-        "dev": ["pytest>=7", "hypothesis", "tokenizers>=0.15", "matplotlib", "tensorboard>=2.15"],
+        "dev": ["pytest>=7", "hypothesis", "tokenizers>=0.15", "zstandard==0.25.0", "matplotlib", "tensorboard>=2.15"],
     },
 )

@@ -66,7 +66,9 @@ class DataConfig:
     seq_len: int = 512
     """Tokens per training sequence."""
     text_files: list[str] = field(default_factory=list)
-    """Plain-text files (or globs) to tokenize when dummy is false."""
+    """Files (or globs) to tokenize when dummy is false: UTF-8 text, or .jsonl/.ndjson; .gz/.bz2/.xz/.zst read too."""
+    jsonl_field: str = "text"
+    """Name of the field holding the text in each record of a .jsonl/.ndjson file of data.text_files."""
     corpus: str = ""
     """Bundled corpus to use instead of text_files: '' (none), shakespeare, kjv, or shakespeare+kjv."""
     tokenizer: str = ""
@@ -101,6 +103,9 @@ class DataConfig:
                     "data.val_fraction=0 leaves no held-out split, which per-stage evaluation needs; use e.g. 0.05"
                 )
         _in_range("data.max_train_sequences", self.max_train_sequences, 0)
+        if not self.jsonl_field.strip():
+            raise ConfigError(f"data.jsonl_field must name the JSONL field holding the text, got {self.jsonl_field!r};"
+                              f" e.g. --data.jsonl_field=text")
 
 
 @dataclass(kw_only=True)

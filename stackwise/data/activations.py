@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""The activation store: masked views and cached layer outputs on disk, sharded, verified, streamed.
+"""The activation store: masked views and cached layer outputs on disk, sharded, verified.
 
 Layout under ``<run>/acts/``:
 
@@ -10,13 +10,15 @@ A *view* is a training sequence with a diffusion mask drawn once (``objective.ma
 sequence): masked ids, targets, loss mask, mask rate. Every stage trains on the same views; ``layer_K``
 holds the outputs of layers 0..K for those views, row-aligned with the view shards, so stage K+1 reads
 ``layer_K`` + views. Each array is written to a temp name, fsynced and renamed; the manifest, written last,
-lists every file with its SHA-256 and shape. A shard is verified as it is read (one read, hashed and
-parsed from the same bytes); a mismatch or a missing manifest is refused with the file's name.
+lists every file with its hash name (``blake3``; ``sha256`` in manifests written before), digest and shape.
 
-Streaming (:class:`ShardStream`): batches come in a deterministic order that depends only on
-(seed, epoch, step), so a resumed stage sees exactly the batches the uninterrupted run would have; a
-background thread prefetches the next shard while the current one is consumed, and at most two shards
-are in memory.
+Verification: a shard file is read once, in blocks into one buffer, each block hashed as it arrives (the
+kernel is asked to read the whole file ahead, so the disk streams while the CPU hashes); the array is then a
+view of that same buffer, so the bytes used are exactly the bytes hashed, with no second pass and no copy.
+A mismatch or a missing manifest is refused with the file's name. BLAKE3 hashes at several GB/s per core,
+so verified reads run at disk speed (benchmarks/RESULTS.md, ``layerwise_bench.py --cases io``).
+
+The streaming reader, :class:`ShardStream`, lives in :mod:`stackwise.data.stream` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
-import queue
 import shutil
-import threading
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -37,6 +37,12 @@ from .._fs import atomic_write_bytes, fsync_dir
 
 MANIFEST = "manifest.json"
 FORMAT = "stackwise-acts-1"
+# the hash new shards are written with; manifests name theirs per file, and sha256 ones still verify
+HASH = "blake3"
+HASHES = ("blake3", "sha256")
+# bytes read (and hashed) per readinto call
+_BLOCK = 4 << 20
+log = logging.getLogger("stackwise")
 # numpy has no bfloat16: such arrays are stored as their uint16 bit patterns
 _NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,6 +50,59 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class ActivationCacheError(RuntimeError):
     """A cache directory, manifest or shard is missing or corrupt; the message names it and the fix."""
+
+
+def _blake3():
+    try:
+        from blake3 import blake3
+    except ImportError:
+        return None
+    return blake3
+
+
+def new_hasher(name: str):
+    """A hashlib-like object (``update``, ``hexdigest``) for a manifest hash name: ``blake3`` or ``sha256``."""
+    if name == "sha256":
+        return hashlib.sha256()
+    if name == "blake3":
+        b3 = _blake3()
+        if b3 is None:
+            raise ActivationCacheError("this activation cache is verified with BLAKE3, but the blake3 package is not "
+                                       "installed; run: pip install blake3==1.0.11 (or pip install -e .)")
+        return b3()
+    raise ActivationCacheError(f"unknown shard hash {name!r} in a manifest (known: {list(HASHES)}); delete the "
+                               f"cache directory and rerun the stage that writes it")
+
+
+def write_hash() -> str:
+    """The hash new shards get: BLAKE3, or SHA-256 (logged once) where the blake3 package is missing."""
+    if HASH == "blake3" and _blake3() is None:
+        if not getattr(write_hash, "warned", False):
+            write_hash.warned = True
+            log.warning("blake3 is not installed: activation shards are hashed with sha256, and verified reads run "
+                        "at about 40%% of disk speed; run pip install blake3==1.0.11")
+        return "sha256"
+    return HASH
+
+
+def hash_bytes(name: str, data) -> str:
+    """Hex digest of ``data`` (bytes-like) with hash ``name``."""
+    h = new_hasher(name)
+    h.update(data)
+    return h.hexdigest()
+
+
+def entry_hash(entry: dict) -> tuple[str, str]:
+    """``(hash name, hex digest)`` of a manifest file entry: ``{"hash", "digest"}``, or the older ``{"sha256"}``."""
+    if "hash" in entry:
+        return entry["hash"], entry["digest"]
+    return "sha256", entry["sha256"]
+
+
+def set_entry_digest(entry: dict, data) -> None:
+    """Re-hash a manifest file entry for ``data`` with the entry's own hash (tools and tests that edit shards)."""
+    name, _ = entry_hash(entry)
+    entry["digest" if "hash" in entry else "sha256"] = hash_bytes(name, data)
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
@@ -111,7 +170,8 @@ class ShardWriter:
                 # free what the failed build used; the previous set at self.directory stays readable
                 self.abort()
                 raise
-            files[name] = {"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "shape": list(a.shape),
+            algo = write_hash()
+            files[name] = {"file": fname, "hash": algo, "digest": hash_bytes(algo, data), "shape": list(a.shape),
                            "dtype": str(a.dtype)}
         self.shards.append({"rows": rows.pop(), "files": files, "index": idx})
 
@@ -200,22 +260,60 @@ def read_manifest(directory: str, *, what: str = "activation cache") -> dict:
     return m
 
 
-def read_shard_array(directory: str, entry: dict) -> np.ndarray:
-    """Read one array file of a shard, verifying its SHA-256 (hashed and parsed from the same bytes)."""
-    path = os.path.join(directory, entry["file"])
+def _read_verified(path: str, name: str, want: str, directory: str) -> np.ndarray:
+    """The bytes of ``path`` as a uint8 array, each block hashed as it is read; refused unless the digest matches."""
+    h = new_hasher(name)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if hasattr(os, "posix_fadvise"):
+                # start reading the whole file now: the disk streams while the blocks below are hashed
+                os.posix_fadvise(f.fileno(), 0, size, os.POSIX_FADV_WILLNEED)
+            buf = np.empty(size, np.uint8)
+            view = memoryview(buf)
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:got + _BLOCK])
+                if not n:
+                    break
+                h.update(view[got:got + n])
+                got += n
     except OSError as e:
         raise ActivationCacheError(f"activation shard {path} is unreadable ({e}); delete {directory} and rerun "
                                    f"the stage that writes it") from None
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if got != size or h.hexdigest() != want:
         raise ActivationCacheError(
             f"activation shard {path} failed its checksum (corrupt or modified); delete {directory} and rerun "
             f"the stage that writes it"
         )
+    return buf
+
+
+def _parse_npy(buf: np.ndarray) -> np.ndarray:
+    """The array of an .npy file held in ``buf``: a view of it (no copy). Raises ValueError on anything but a
+    plain numeric array (object arrays would need unpickling)."""
+    head = io.BytesIO(buf[:min(len(buf), 1 << 16)].tobytes())
+    version = np.lib.format.read_magic(head)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version} (expected 1.0 or 2.0)")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(head)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    count = int(np.prod(shape, dtype=np.int64))
+    if head.tell() + count * dtype.itemsize != len(buf):
+        raise ValueError(f"{len(buf) - head.tell()} data bytes for shape {shape} of {dtype}")
+    a = np.frombuffer(buf, dtype=dtype, count=count, offset=head.tell())
+    return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
+
+
+def read_shard_array(directory: str, entry: dict) -> np.ndarray:
+    """Read one array file of a shard, verified: hashed block by block as read, parsed from the same bytes."""
+    path = os.path.join(directory, entry["file"])
+    name, want = entry_hash(entry)
+    buf = _read_verified(path, name, want, directory)
     try:
-        a = np.load(io.BytesIO(data), allow_pickle=False)
+        a = _parse_npy(buf)
     except ValueError as e:  # not an .npy file, or an object array that would need unpickling
         raise ActivationCacheError(f"activation shard {path} is not a plain numeric .npy array ({e}); delete "
                                    f"{directory} and rerun the stage that writes it") from None
@@ -228,184 +326,16 @@ def load_shard(directory: str, manifest: dict, i: int) -> dict[str, np.ndarray]:
     return {name: read_shard_array(directory, e) for name, e in manifest["shards"][i]["files"].items()}
 
 
-class ShardStream:
-    """Deterministic, prefetching batch stream over view shards (+ optionally a row-aligned layer cache).
-
-    Args:
-        views_dir: ``acts/views_<split>``.
-        layer_dir: ``acts/layer_K/<split>`` whose rows are the inputs; None means the masked ids are.
-        batch_size: rows per batch; an epoch is floor(rows / batch_size) batches.
-        seed: order seed; shard and row order are permutations drawn from (seed, epoch).
-        start_step: first batch to yield (resume), counted from step 0 of epoch 0.
-        shuffle: False streams rows in stored order (cache building, evaluation).
-        rank, world: data parallelism (shuffle only). The stream of a world of ``world`` ranks is the stream
-            of one process with batch ``batch_size * world``: global batch g holds the same rows in both,
-            and rank r gets its rows ``[r * batch_size, (r + 1) * batch_size)``. A rank reads (and
-            verifies) only the shards that hold some of its rows; with ``batch_size`` a multiple of the
-            shard size, ranks read disjoint shards.
-
-    Per-shard access (evaluation, data-parallel caching) goes through :meth:`shard_batches`.
-
-    Yields:
-        dict with ``x`` (LongTensor ids [B, T] or float h [B, T, C]), ``targets``, ``loss_mask``, ``rate``.
-    """
-
-    def __init__(self, views_dir: str, layer_dir: str | None, batch_size: int, *, seed: int = 0,
-                 start_step: int = 0, shuffle: bool = True, prefetch: bool = True, rank: int = 0, world: int = 1):
-        if not 0 <= rank < world:
-            raise ValueError(f"rank ({rank}) must be in [0, world={world})")
-        if world > 1 and not shuffle:
-            raise ValueError("a data-parallel ShardStream (world > 1) must shuffle; use shard_batches() per rank")
-        self.rank, self.world = rank, world
-        self.views_dir, self.layer_dir = views_dir, layer_dir
-        self.views = read_manifest(views_dir, what="masked-view cache")
-        self.layer = read_manifest(layer_dir) if layer_dir else None
-        if self.layer is not None and [s["rows"] for s in self.layer["shards"]] != [s["rows"] for s in self.views["shards"]]:
-            raise ActivationCacheError(
-                f"{layer_dir} is not row-aligned with {views_dir} (it was built from other views); delete it and "
-                f"rerun the stage that writes it"
-            )
-        self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
-        self.shuffle, self.prefetch = shuffle, prefetch
-        self.rows = self.views["rows"]
-        gb = batch_size * world
-        if self.rows < gb and shuffle:
-            raise ActivationCacheError(
-                f"{views_dir} holds {self.rows} views, fewer than the global batch (train.batch_size {batch_size} * "
-                f"world size {world} = {gb}); lower the batch size or use more data"
-            )
-        self.steps_per_epoch = max(1, self.rows // gb) if shuffle else -(-self.rows // batch_size)
-
-    def _order(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        n = len(self.views["shards"])
-        if not self.shuffle:
-            return [(i, np.arange(self.views["shards"][i]["rows"])) for i in range(n)]
-        rng = np.random.default_rng([self.seed, epoch])
-        return [(int(i), rng.permutation(self.views["shards"][int(i)]["rows"])) for i in rng.permutation(n)]
-
-    def _load(self, i: int) -> dict[str, np.ndarray]:
-        arrays = load_shard(self.views_dir, self.views, i)
-        if self.layer is not None:
-            arrays["h"] = load_shard(self.layer_dir, self.layer, i)["h"]
-            # a diverged layer (or an edited file with a matching manifest) must not train the next one
-            if not torch.isfinite(from_storage(arrays["h"], self.layer["dtype"])).all():
-                path = os.path.join(self.layer_dir, self.layer["shards"][i]["files"]["h"]["file"])
-                raise ActivationCacheError(
-                    f"activation shard {path} holds NaN/inf values: the layer that wrote it diverged or the file was "
-                    f"altered; delete {self.layer_dir} and retrain that stage (lower train.lr if it diverges again)"
-                )
-        return arrays
-
-    def _shard_iter(self, plan: list[int]) -> Iterator[dict[str, np.ndarray]]:
-        if not self.prefetch:
-            for i in plan:
-                yield self._load(i)
-            return
-        q: queue.Queue = queue.Queue(maxsize=1)
-        stop = threading.Event()
-
-        def work():
-            try:
-                for i in plan:
-                    if stop.is_set():
-                        return
-                    q.put(("ok", self._load(i)))
-                q.put(("end", None))
-            except BaseException as e:  # surfaced in the consumer thread
-                q.put(("err", e))
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        try:
-            while True:
-                kind, item = q.get()
-                if kind == "end":
-                    return
-                if kind == "err":
-                    raise item
-                yield item
-        finally:
-            stop.set()
-
-    def _rows_to_batch(self, arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
-        out = {
-            "targets": torch.from_numpy(arrays["targets"][rows].astype(np.int64)),
-            "loss_mask": torch.from_numpy(arrays["loss_mask"][rows].astype(np.bool_)),
-            "rate": torch.from_numpy(arrays["rate"][rows].astype(np.float32)),
-        }
-        if self.layer is None:
-            out["x"] = torch.from_numpy(arrays["ids"][rows].astype(np.int64))
-        else:
-            out["x"] = from_storage(arrays["h"][rows], self.layer["dtype"]).float()
-        return out
-
-    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches of one epoch, skipping the first ``skip`` without reading their shards."""
-        order = self._order(epoch)
-        B, W = self.batch_size, self.world
-        # global row positions of each shard in this epoch's sequence
-        starts = np.cumsum([0] + [len(r) for _, r in order])
-        first_row, end_row = skip * B * W, (self.steps_per_epoch * B * W if self.shuffle else starts[-1])
-        mine = []
-        for k in range(len(order)):
-            pos = np.arange(starts[k], starts[k + 1])
-            # global batch g = positions [g*B*W, (g+1)*B*W); this rank owns the r-th block of B in each
-            keep = (pos >= first_row) & (pos < end_row) & ((pos // B) % W == self.rank)
-            mine.append(order[k][1][keep])
-        plan = [k for k in range(len(order)) if len(mine[k])]
-        pending: list[dict[str, torch.Tensor]] = []
-        pending_rows = 0
-        made = skip
-        for k, arrays in zip(plan, self._shard_iter([order[k][0] for k in plan])):
-            rows = mine[k]
-            while len(rows):
-                take = min(B - pending_rows, len(rows))
-                pending.append(self._rows_to_batch(arrays, rows[:take]))
-                pending_rows += take
-                rows = rows[take:]
-                if pending_rows == B:
-                    yield {key: torch.cat([p[key] for p in pending]) for key in pending[0]}
-                    pending, pending_rows = [], 0
-                    made += 1
-                    if self.shuffle and made >= self.steps_per_epoch:
-                        return
-        if pending and not self.shuffle:
-            yield {key: torch.cat([p[key] for p in pending]) for key in pending[0]}
-
-    def shard_batches(self, indices: list[int], max_rows: int | None = None
-                      ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """``(shard index, batch)`` for the given shards in order, a shard split into batches of ``max_rows``."""
-        for i, arrays in zip(indices, self._shard_iter(list(indices))):
-            rows = np.arange(self.views["shards"][i]["rows"])
-            step = max_rows or len(rows)
-            for lo in range(0, len(rows), step):
-                yield i, self._rows_to_batch(arrays, rows[lo:lo + step])
-
-    @property
-    def n_shards(self) -> int:
-        return len(self.views["shards"])
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless (shuffle) or single-pass (no shuffle) stream starting at ``start_step``."""
-        if not self.shuffle:
-            yield from self.epoch_batches(0)
-            return
-        epoch, skip = divmod(self.start_step, self.steps_per_epoch)
-        while True:
-            yield from self.epoch_batches(epoch, skip)
-            epoch, skip = epoch + 1, 0
-
-
-def build_views(directory: str, sequences, *, draws: int, seed: int, mask_id: int, mask_fraction_min: float,
-                mask_fraction_max: float, shard_rows: int, progress=None) -> dict:
-    """Draw ``draws`` diffusion masks per sequence and write the views as shards.
+def build_views(directory: str, sequences, *, objective, draws: int, seed: int, shard_rows: int,
+                progress=None) -> dict:
+    """Draw ``draws`` masked views per sequence with ``objective`` and write them as shards.
 
     Args:
         sequences: a dataset of LongTensor[T] (dummy or token windows).
+        objective: the :class:`~stackwise.objective.Objective` whose ``mask(ids, generator)`` draws each batch's
+            masks (the stages' diffusion policy); the stored ``rate`` is each view's realised mask rate.
         progress: optional callable(n_done, n_total) for progress reporting.
     """
-    from ..objective import diffusion_mask
-
     g = torch.Generator().manual_seed(seed)
     writer = ShardWriter(directory, "views")
     n = len(sequences)
@@ -414,11 +344,9 @@ def build_views(directory: str, sequences, *, draws: int, seed: int, mask_id: in
     done = 0
 
     def flush(batch: list[torch.Tensor]):
-        ids = torch.stack(batch)
-        masked, targets, lm, t = diffusion_mask(ids, g, mask_id=mask_id, mask_fraction_min=mask_fraction_min,
-                                                mask_fraction_max=mask_fraction_max)
-        writer.add({"ids": masked.numpy().astype(np.int32), "targets": targets.numpy().astype(np.int32),
-                    "loss_mask": lm.numpy().astype(np.uint8), "rate": t.numpy().astype(np.float32)})
+        v = objective.mask(torch.stack(batch), g)
+        writer.add({"ids": v["x"].numpy().astype(np.int32), "targets": v["targets"].numpy().astype(np.int32),
+                    "loss_mask": v["loss_mask"].numpy().astype(np.uint8), "rate": v["rate"].numpy().astype(np.float32)})
 
     for d in range(draws):
         for i in range(n):
@@ -434,8 +362,10 @@ def build_views(directory: str, sequences, *, draws: int, seed: int, mask_id: in
         if progress:
             progress(total, total)
     seq_len = int(sequences[0].shape[0]) if n else 0
-    return writer.close({"seed": seed, "draws": draws, "sequences": n, "seq_len": seq_len, "mask_id": mask_id,
-                         "mask_fraction_min": mask_fraction_min, "mask_fraction_max": mask_fraction_max})
+    return writer.close({"seed": seed, "draws": draws, "sequences": n, "seq_len": seq_len,
+                         "policy": objective.policy, "mask_id": objective.mask_id,
+                         "mask_fraction_min": objective.mask_fraction_min,
+                         "mask_fraction_max": objective.mask_fraction_max})
 
 
 def views_fingerprint(views_manifest: dict) -> str:
@@ -443,5 +373,18 @@ def views_fingerprint(views_manifest: dict) -> str:
     h = hashlib.sha256()
     for s in views_manifest["shards"]:
         for name in sorted(s["files"]):
-            h.update(s["files"][name]["sha256"].encode())
+            h.update(entry_hash(s["files"][name])[1].encode())
     return h.hexdigest()
+
+
+def __getattr__(name: str):
+    """``ShardStream`` lives in :mod:`.stream` (which imports this module); it stays importable from here."""
+    if name == "ShardStream":
+        from .stream import ShardStream
+
+        return ShardStream
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = ["ActivationCacheError", "ShardWriter", "build_views", "entry_hash", "from_storage",
+           "hash_bytes", "load_shard", "merge_shard_entries", "new_hasher", "read_manifest", "read_shard_array",
+           "retired_dir", "set_entry_digest", "staging_dir", "to_storage", "views_fingerprint"]

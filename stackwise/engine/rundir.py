@@ -20,8 +20,9 @@ import torch
 import yaml
 
 from ..config import ConfigError, StackWiseConfig, config_from_dict, save_config
-from ..data.activations import ActivationCacheError, build_views, read_manifest
+from ..data.activations import ActivationCacheError, build_views
 from .distributed import pick_device  # noqa: F401  (re-exported: the single-process entry points use it)
+from ..objective import Objective
 from .log import logger, progress_bar
 
 
@@ -165,6 +166,8 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
         shutil.copyfile(tok_path, run.tokenizer + ".tmp")
         os.replace(run.tokenizer + ".tmp", run.tokenizer)
     o = cfg.objective
+    # the stages' objective draws the views (diffusion; realised rates are stored)
+    objective = Objective.from_config(o, cfg.model, "diffusion")
     train = _head(ds.train, cfg.data.max_train_sequences) if cfg.data.max_train_sequences else ds.train
     for split, data, draws, seed in (("train", train, o.mask_draws, cfg.train.seed),
                                      ("val", _head(ds.val, cfg.train.eval_sequences), 1, cfg.train.seed + 1)):
@@ -173,8 +176,7 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
         bar = progress_bar(len(data) * draws, f"views {split}", rank)
         logger.info("drawing %d masked views of %d %s sequences (%d per sequence)", len(data) * draws, len(data),
                     split, draws)
-        build_views(run.views(split), data, draws=draws, seed=seed, mask_id=cfg.model.mask_id,
-                    mask_fraction_min=o.mask_fraction_min, mask_fraction_max=o.mask_fraction_max,
+        build_views(run.views(split), data, objective=objective, draws=draws, seed=seed,
                     shard_rows=cfg.engine.cache_shard_sequences,
                     progress=(lambda d, t: bar.update(d - bar.n)) if bar else None)
         if bar:

@@ -139,12 +139,11 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, m
 
 
 def test_nan_in_cached_activations_is_refused(tmp_path):
-    import hashlib
     import io
 
     import numpy as np
 
-    from stackwise.data.activations import ActivationCacheError, _manifest_digest
+    from stackwise.data.activations import ActivationCacheError, _manifest_digest, set_entry_digest
     from stackwise.engine.rundir import RunDir
     from stackwise.engine.stages import train_stage
 
@@ -159,7 +158,7 @@ def test_nan_in_cached_activations_is_refused(tmp_path):
     np.save(buf, a)
     open(os.path.join(d, entry["file"]), "wb").write(buf.getvalue())
     # a consistent manifest: only the NaN check can catch it
-    entry["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    set_entry_digest(entry, buf.getvalue())
     m["manifest_sha256"] = _manifest_digest(m)
     json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
     with pytest.raises(ActivationCacheError, match=r"shard_00001\.h\.npy holds NaN/inf.*retrain that stage"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from stackwise.data.activations import ActivationCacheError, ShardWriter, read_shard_array
+from stackwise.data.activations import ActivationCacheError, ShardWriter, read_shard_array, set_entry_digest
 from stackwise.engine import checkpoint as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,9 +46,7 @@ def test_pickled_npy_shard_is_refused(tmp_path):
     obj = np.array([_Exploit(str(marker))], dtype=object)
     with open(path, "wb") as f:
         np.save(f, obj, allow_pickle=True)
-    import hashlib
-
-    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()  # even with a matching checksum
+    set_entry_digest(entry, path.read_bytes())  # even with a matching checksum
     entry["shape"] = [1]
     with pytest.raises(ActivationCacheError, match=r"shard_00000\.h\.npy is not a plain numeric \.npy array"):
         read_shard_array(str(tmp_path / "acts"), entry)

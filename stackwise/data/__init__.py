@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: MIT
-"""Data: dummy token data for smoke tests, bundled corpora, tokenizer, text -> token shards, and datasets."""
+"""Data: dummy token data, bundled corpora and user files (text/JSONL, compressed), tokenizer, streamed token shards,
+datasets; the activation store (activations) and its streaming reader (stream) are imported by module."""
 
 from .datasets import Datasets, TokenSequences, build_datasets
 from .dummy import DummyTokens

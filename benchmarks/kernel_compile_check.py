@@ -119,7 +119,7 @@ def flash_cases(quick: bool) -> list[dict]:
                                                c.num_stages))
                         if quick and dqk == 128:
                             continue
-                        blocks = flash.bwd_blocks(bdqk, bdv, arch)
+                        blocks = flash.bwd_blocks(bdqk, bdv, arch, lowp)
                         for part in ("dq", "dkv"):
                             bm, bn, w, s = blocks[part]
                             if quick and arch != 90:

@@ -419,17 +419,19 @@ def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     return lowp, "ieee"
 
 
-def bwd_blocks(block_dqk: int, block_dv: int, arch: int) -> dict[str, tuple[int, int, int, int]]:
+def bwd_blocks(block_dqk: int, block_dv: int, arch: int, lowp: bool = True) -> dict[str, tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ and dK/dV kernels on sm_<arch>.
 
     Each kernel puts 64 rows on the output side of its matmuls (dQ: 64 query rows against 32-key blocks;
     dK/dV: 64 key rows against 32-query blocks), the row count Hopper's ``wgmma`` needs, with 8 warps: at
     every head dim this spills least among the tiles tried (registers and spills are in the compile
-    check's table). On sm_8x (``mma.sync``, no such row minimum) head dims padded past 128 keep 32 x 32.
+    check's table). On sm_8x (``mma.sync``, no such row minimum) and for fp32 (``lowp`` False: no tensor
+    cores; 64-row fp32 tiles at head dim 256 spilled 24-36 KiB per thread on sm_90) head dims padded past 128
+    keep 32 x 32.
     """
     if interpreting():
         return {"dq": (64, 32, 4, 2), "dkv": (32, 64, 4, 2)}
-    if arch < 90 and max(block_dqk, block_dv) > 128:
+    if (arch < 90 or not lowp) and max(block_dqk, block_dv) > 128:
         return {"dq": (32, 32, 8, 2), "dkv": (32, 32, 8, 2)}
     return {"dq": (64, 32, 8, 2), "dkv": (32, 64, 8, 2)}
 
@@ -500,8 +502,8 @@ def attention_bwd(
         raise ValueError(f"do must have the output's shape {tuple(o.shape)} and stride 1 in its last dim")
     scale = DQK**-0.5 if scale is None else float(scale)
     block_dqk, block_dv = _block_dim(DQK), _block_dim(DV)
-    blocks = bwd_blocks(block_dqk, block_dv, device_arch(q.device) if q.device.type == "cuda" else 90)
     lowp, prec = _dot_flags(q.dtype)
+    blocks = bwd_blocks(block_dqk, block_dv, device_arch(q.device) if q.device.type == "cuda" else 90, lowp)
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     _attention_bwd_kernel_preprocess[(triton.cdiv(T, 64), B * H)](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, DV=DV, BLOCK_DV=block_dv, BLOCK_M=64

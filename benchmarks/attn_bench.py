@@ -261,12 +261,10 @@ def environment(device: torch.device) -> dict:
 
 def write_csv(rows: list[dict], env: dict, op: str, mode: str, dtype: str, out_dir: str | None = None) -> Path:
     slug = "".join(c if c.isalnum() else "_" for c in env["device"]).strip("_").lower()
-    base = Path(out_dir) if out_dir else ROOT / "benchmarks" / "results" / slug
-    path = base / f"{op}-{mode}-{dtype}.csv"
+    path = (Path(out_dir) if out_dir else ROOT / "benchmarks" / "results" / slug) / f"{op}-{mode}-{dtype}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        for key in ("device", "torch", "triton", "commit"):
-            f.write(f"# {key}: {env[key]}\n")
+        f.write("".join(f"# {key}: {env[key]}\n" for key in ("device", "torch", "triton", "commit")))
         f.write(f"# date: {datetime.date.today().isoformat()}\n")
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -355,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
         for mask in masks:
             causal = mask == "causal"
             names = [p for p in providers_for(op, kind) if not args.providers or p in args.providers]
+            if not names:
+                print(f"# {op}: none of --providers {args.providers} runs on {kind}; skipped")
+                continue
             gate = {p: verify(p, op, (H, Hkv, D, Dv), M, causal, dtype, device, backend) for p in names}
             for mode in args.mode:
                 rows = []
@@ -392,8 +393,7 @@ def main(argv: list[str] | None = None) -> None:
                 print_table(rows, f"{op} {mode} {mask} {dtype_name} (H {H}/{Hkv}, D {D}/{Dv})")
                 print(f"# csv: {write_csv(rows, env, op, mode, dtype_name, args.out_dir)}")
                 all_rows += rows
-    for line in summarize(all_rows):
-        print("# " + line)
+    print("".join(f"# {line}\n" for line in summarize(all_rows)), end="")
 
 
 if __name__ == "__main__":

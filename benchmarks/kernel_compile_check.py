@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -245,6 +246,21 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def _report(case: dict, r: dict) -> dict:
+    """Print one table line and return the row."""
+    status = _status(case, r)
+    row = {"kernel": case["kernel"], "config": _config_text(case), "dtype": case["dtype"],
+           "arch": f"sm_{case['arch']}", **r, "status": status}
+    head = f"{row['kernel']:<15} {row['config']:<52} {row['dtype']:<5} {row['arch']:>5} "
+    if r["ok"]:
+        spill = "-" if r["spill"] is None else r["spill"]
+        print(head + f"{r['shared'] / 1024:>7.1f}Ki {r['regs'] or '-':>4} {spill:>6} {r['tc']:>9}  {status}")
+    else:
+        print(head + f"{'-':>9} {'-':>4} {'-':>6} {'-':>9}  {status}")
+    sys.stdout.flush()
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the small subset make test runs (under a minute)")
@@ -268,6 +284,7 @@ def main() -> int:
     if args.filter:
         pat = re.compile(args.filter)
         cases = [c for c in cases if pat.search(f"{c['kernel']} {_config_text(c)} {c['dtype']} sm_{c['arch']}")]
+        fallbacks = [fb for fb in fallbacks if pat.search(f"{fb['kernel']} {fb['tag']} * sm_{fb['arch']}")]
     t0 = time.perf_counter()
     print(f"triton {triton.__version__}; {len(cases)} compiles, {args.jobs} job(s)")
     print(f"{'kernel':<15} {'config':<52} {'dtype':<5} {'arch':>5} {'shared':>9} {'regs':>4} {'spill':>6} "
@@ -278,30 +295,26 @@ def main() -> int:
     else:
         pool = ProcessPoolExecutor(max_workers=args.jobs)
         results = pool.map(compile_case, cases, chunksize=2)
-    rows = []
-    for case, r in zip(cases, results):
-        status = _status(case, r)
-        row = {"kernel": case["kernel"], "config": _config_text(case), "dtype": case["dtype"],
-               "arch": f"sm_{case['arch']}", **r, "status": status}
-        rows.append(row)
-        if r["ok"]:
-            spill = "-" if r["spill"] is None else r["spill"]
-            print(f"{row['kernel']:<15} {row['config']:<52} {row['dtype']:<5} {row['arch']:>5} "
-                  f"{r['shared'] / 1024:>7.1f}Ki {r['regs'] or '-':>4} {spill:>6} {r['tc']:>9}  {status}")
-        else:
-            print(f"{row['kernel']:<15} {row['config']:<52} {row['dtype']:<5} {row['arch']:>5} {'-':>9} {'-':>4} "
-                  f"{'-':>6} {'-':>9}  {status}")
-        sys.stdout.flush()
+    rows: list[dict] = []
+    interrupted = False
+    # SIGTERM / Ctrl-C: stop, and still print the summary and JSON of the compiles that finished
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for case, r in zip(cases, results):
+            rows.append(_report(case, r))
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"# interrupted after {len(rows)} of {len(cases)} compiles")
     if pool is not None:
-        pool.shutdown()
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
     for fb in fallbacks:
         print(f"{fb['kernel']:<15} {fb['tag']:<52} {'*':<5} {'sm_' + str(fb['arch']):>5} {'-':>9} {'-':>4} {'-':>6} "
               f"{'-':>9}  torch path (tiles do not fit; not compiled)")
-    summary = {"triton": triton.__version__, "quick": args.quick, "jobs": args.jobs,
-               "seconds": round(time.perf_counter() - t0, 1), **summarise(rows),
+    summary = {"triton": triton.__version__, "quick": args.quick, "jobs": args.jobs, "planned": len(cases),
+               "interrupted": interrupted, "seconds": round(time.perf_counter() - t0, 1), **summarise(rows),
                "torch_path": [f"{fb['tag']} sm_{fb['arch']}" for fb in fallbacks]}
     for key, val in summary.items():
-        if key not in ("triton", "quick", "jobs", "torch_path"):
+        if key not in ("triton", "quick", "jobs", "torch_path", "interrupted"):
             print(f"# {key}: {val}")
     out = {**summary, "rows": rows}
     if args.json_out:
@@ -310,7 +323,7 @@ def main() -> int:
             json.dump(out, f)
         os.replace(tmp, args.json_out)
     print("JSON " + json.dumps(out))
-    return 1 if summary["failed"] else 0
+    return 1 if summary["failed"] or interrupted else 0
 
 
 if __name__ == "__main__":

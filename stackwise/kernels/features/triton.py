@@ -5,7 +5,8 @@ Computes exactly :func:`stackwise.kernels.features.reference.feature_attention_r
 ``o_i = sum_j a_ij v_j / max(sum_j a_ij, eps)``, ``a_ij = phi(q_i) . phi(k_j)`` (j <= i when causal),
 with the "softmax" (FAVOR+, stabilised) and "trig" (random Fourier on unit-normalised inputs) maps of the
 reference module docstring. phi(q), phi(k) are recomputed in registers from q, k and W and never written to
-global memory; "trig" runs as one feature axis of width 2M over ``[W, W]`` (cos columns, then sin columns).
+global memory; "trig" runs as one feature axis of width 2M over ``[W, W]`` (cos columns, then sin columns), on
+inputs that :func:`~.reference.trig_normalise` scaled on the host (x^ = tau * s * x / |x|, tau the temperature).
 
 Kernels, per (batch, head), with F = M ("softmax") or 2M ("trig") features and T split into ``n_split``
 segments of ``CPS`` chunks of ``BLOCK_T`` rows (segments give the GPU parallelism along T):
@@ -28,10 +29,11 @@ segments of ``CPS`` chunks of ``BLOCK_T`` rows (segments give the GPU parallelis
 Precision: loads are upcast to fp32 right after ``tl.load``; all matmuls are fp32 (``input_precision`` "ieee"
 for fp32 inputs, "tf32" for bf16/fp16 inputs on GPU, where the inputs already carry that much noise).
 
-Caveats: the state tile [F, Dv] and the feature tile [BLOCK_T, F] live in registers; on GPU that is fine up to
-about F * Dv = 128 * 128 and spills beyond (TODO(issue 4 follow-up): split F across programs for M >= 128
-"softmax" / M >= 64 "trig"). Not yet run on a GPU; CI runs it under ``TRITON_INTERPRET=1``. Inputs that are
-not contiguous are copied once (``.contiguous()``).
+Caveats: the state tile [F, Dv] and the feature tile [BLOCK_T, F] live in registers and are staged through
+shared memory whole, so the kernels run only up to BLOCK_F x head dim = ``MAX_TILE`` (:func:`tiles`,
+:func:`fits`; checked by benchmarks/kernel_compile_check.py); larger M runs the torch path under backend="auto"
+(TODO(issue 14 follow-up): split F across programs). Not yet run on a GPU; CI runs it under
+``TRITON_INTERPRET=1``. Inputs that are not contiguous are copied once (``.contiguous()``).
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 # SPDX-License-Identifier: MIT
 """Attention benchmark: forward, backward and forward+backward over T for every attention provider.
-
 Ops (shapes: GPU / CPU, the CPU ones scaled down so the default run takes ~2-3 minutes on 2 cores):
-- ``gqa``: softmax attention, 32 query / 8 kv heads, d 128 (CPU: 8 / 2 heads, d 64).
+- ``gqa``: softmax attention, 32 query / 8 kv heads, d 128 (CPU: 8 / 2 heads, d 64); ``gqa64``: the same at d 64.
 - ``mla``: softmax attention with Dqk 192 / Dv 128 (16 heads; CPU 4); ``sdpa_pad`` is SDPA with V padded to 192.
-- ``feature``: random-feature attention ("softmax" features, M 128; CPU M 64) on the gqa shapes, against the
-  exact-attention providers, reporting the speedup over SDPA and the time ratio of the largest T to T/4.
+- ``feature``: random-feature attention ("softmax", M 128 or ``--features``; CPU 64) on the gqa shapes, against
+  the exact providers: the speedup over SDPA and the time ratio of the largest T to T/4.
 
-Providers: ``triton`` (GPU only; the CPU interpreter is far too slow), ``sdpa`` (torch), ``flash_attn``
-(imported lazily, only if installed; GPU), ``reference`` (``attention_ref``, the spec; small T only),
-``feature`` (the public ``feature_attention``: Triton on GPU, the torch chunked path on CPU),
-``feature_torch`` (GPU: the torch chunked path), ``feature_ref`` (the quadratic spec; small T only).
+Providers: ``triton`` (GPU only; the CPU interpreter is far too slow), ``sdpa`` (torch), ``sdpa_flash`` (SDPA's
+FlashAttention-2 backend only, GPU), ``flash_attn`` (imported lazily, only if installed; GPU), ``reference``
+(``attention_ref``, the spec; small T only), ``feature`` (public ``feature_attention``, backend "auto": Triton on
+GPU where its tiles fit, else the torch chunked path; the row's ``path`` says which), ``feature_torch`` (GPU: the
+torch chunked path), ``feature_ref`` (the quadratic spec; small T only).
 
 Every provider is checked once against the reference at T=128 before timing (fla ``verify.py``: a speedup
 is never reported on a red gate): ``max|out - ref| <= 3 * max|ref_lowp - ref| + 1e-4`` for the output and
@@ -19,9 +19,9 @@ the gradients, ``ref_lowp`` being the reference in the run dtype. A red provider
 Metrics: time (median; GPU ``triton.testing.do_bench``, CPU the median of repeated ``time.perf_counter``
 runs), TFLOP/s from :func:`attn_flops` (softmax providers) or :func:`feature_flops` (feature providers),
 peak memory (``torch.cuda.max_memory_allocated``; "n/a" on CPU). Backward times ``o.backward(do)`` after
-one forward; forward runs with ``requires_grad`` inputs (a training forward). Output: a table per
-(op, mode, mask), one ``JSON {...}`` line per case, and CSVs under ``benchmarks/results/<device>/``.
-A custom loop rather than ``triton.testing.perf_report``: each cell carries several metrics and a gate.
+one forward; forward runs with ``requires_grad`` inputs (a training forward). Output: a table per (op, mode,
+mask), one ``JSON {...}`` line per case, and CSVs under ``benchmarks/results/<device>/`` (or ``--out-dir``,
+which also collects every row in ``attn_rows.jsonl``); ``--providers`` keeps only the named providers.
 
 Usage::
 
@@ -55,15 +55,15 @@ from stackwise.kernels.flash.reference import attention_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = {
-    "gpu": {"gqa": (32, 8, 128, 128), "mla": (16, 16, 192, 128), "feature": (32, 8, 128, 128)},
-    "cpu": {"gqa": (8, 2, 64, 64), "mla": (4, 4, 192, 128), "feature": (8, 2, 64, 64)},
+    "gpu": {"gqa": (32, 8, 128, 128), "gqa64": (32, 8, 64, 64), "mla": (16, 16, 192, 128), "feature": (32, 8, 128, 128)},
+    "cpu": {"gqa": (8, 2, 64, 64), "gqa64": (8, 2, 64, 64), "mla": (4, 4, 192, 128), "feature": (8, 2, 64, 64)},
 }
 N_FEATURES = {"gpu": 128, "cpu": 64}
 T_GRID = {"gpu": (512, 1024, 2048, 4096, 8192, 16384, 32768), "cpu": (256, 1024, 4096)}
 T_QUICK = {"gpu": (1024, 4096), "cpu": (256, 1024)}
 # the quadratic references materialise [B, H, T, T]
 REF_MAX_T = {"gpu": 4096, "cpu": 2048}
-SOFTMAX_PROVIDERS = ("triton", "sdpa", "sdpa_pad", "flash_attn", "reference")
+SOFTMAX_PROVIDERS = ("triton", "sdpa", "sdpa_flash", "sdpa_pad", "flash_attn", "reference")
 FEATURE_PROVIDERS = ("feature", "feature_torch", "feature_ref")
 
 
@@ -96,15 +96,15 @@ def providers_for(op: str, kind: str) -> list[str]:
     """Providers that can run for ``op`` on ``kind`` ("gpu" | "cpu")."""
     gpu = kind == "gpu"
     flash = gpu and _flash_attn_func() is not None
-    if op == "gqa":
-        names = ["triton"] * gpu + ["sdpa"] + ["flash_attn"] * flash + ["reference"]
+    if op in ("gqa", "gqa64"):
+        names = ["triton"] * gpu + ["sdpa"] + ["sdpa_flash"] * gpu + ["flash_attn"] * flash + ["reference"]
     elif op == "mla":
         names = ["triton"] * gpu + ["sdpa", "sdpa_pad", "reference"]
     elif op == "feature":
-        names = ["feature"] + ["feature_torch"] * gpu + ["feature_ref", "sdpa"] + ["triton"] * gpu
+        names = ["feature"] + ["feature_torch"] * gpu + ["feature_ref", "sdpa"] + ["sdpa_flash", "triton"] * gpu
         names += ["flash_attn"] * flash
     else:
-        raise ValueError(f"--op must be gqa, mla or feature, got {op!r}")
+        raise ValueError(f"--op must be gqa, gqa64, mla or feature, got {op!r}")
     return names
 
 
@@ -115,6 +115,14 @@ def make_fn(provider: str, q, k, v, W, causal: bool, backend: str):
         return lambda: attention(q, k, v, causal=causal, backend="triton")
     if provider == "sdpa":
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=group > 1)
+    if provider == "sdpa_flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def flash():
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=group > 1)
+
+        return flash
     if provider == "sdpa_pad":
         Dv, Dqk = v.shape[-1], q.shape[-1]
 
@@ -131,12 +139,21 @@ def make_fn(provider: str, q, k, v, W, causal: bool, backend: str):
     if provider == "reference":
         return lambda: attention_ref(q, k, v, causal=causal)
     if provider == "feature":
-        return lambda: feature_attention(q, k, v, W, causal=causal, backend=backend)
+        return lambda: feature_attention(q, k, v, W, causal=causal, backend="auto")
     if provider == "feature_torch":
         return lambda: feature_attention(q, k, v, W, causal=causal, backend="torch")
     if provider == "feature_ref":
         return lambda: feature_attention_ref(q, k, v, W, causal=causal)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def _feature_path(provider: str, D: int, Dv: int, M: int, device: torch.device) -> str | None:
+    """Which implementation a feature provider runs: "triton", "torch", "reference" (None: softmax providers)."""
+    if provider != "feature" or device.type != "cuda":
+        return {"feature": "torch", "feature_torch": "torch", "feature_ref": "reference"}.get(provider)
+    from stackwise.kernels.features.triton import fits
+
+    return "triton" if fits(D, Dv, M, False, device) else "torch"
 
 
 def make_inputs(B, H, Hkv, T, D, Dv, dtype, device, seed=0):
@@ -151,8 +168,11 @@ def verify(provider, op, shape, M, causal, dtype, device, backend) -> tuple[bool
     H, Hkv, D, Dv = shape
     q, k, v, do = make_inputs(1, H, Hkv, 128, D, Dv, dtype, device, seed=1)
     W = draw_features(D, M, family="orthogonal", seed=0, device=device)
-    o = make_fn(provider, q, k, v, W, causal, backend)()
-    o.backward(do)
+    try:
+        o = make_fn(provider, q, k, v, W, causal, backend)()
+        o.backward(do)
+    except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. no flash backend for this shape
+        return False, f"error: {type(e).__name__}: {(str(e) or '-').splitlines()[0][:120]}"
     got = [o, q.grad, k.grad, v.grad]
     spec = feature_attention_ref if provider in FEATURE_PROVIDERS else attention_ref
     extra = (W,) if provider in FEATURE_PROVIDERS else ()
@@ -239,13 +259,12 @@ def environment(device: torch.device) -> dict:
     return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": _commit()}
 
 
-def write_csv(rows: list[dict], env: dict, op: str, mode: str, dtype: str) -> Path:
+def write_csv(rows: list[dict], env: dict, op: str, mode: str, dtype: str, out_dir: str | None = None) -> Path:
     slug = "".join(c if c.isalnum() else "_" for c in env["device"]).strip("_").lower()
-    path = ROOT / "benchmarks" / "results" / slug / f"{op}-{mode}-{dtype}.csv"
+    path = (Path(out_dir) if out_dir else ROOT / "benchmarks" / "results" / slug) / f"{op}-{mode}-{dtype}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        for key in ("device", "torch", "triton", "commit"):
-            f.write(f"# {key}: {env[key]}\n")
+        f.write("".join(f"# {key}: {env[key]}\n" for key in ("device", "torch", "triton", "commit")))
         f.write(f"# date: {datetime.date.today().isoformat()}\n")
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -295,13 +314,22 @@ def summarize(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--op", nargs="+", choices=["gqa", "mla", "feature"], default=["gqa", "mla", "feature"])
+    ap.add_argument("--op", nargs="+", choices=["gqa", "gqa64", "mla", "feature"], default=["gqa", "mla", "feature"])
     ap.add_argument("--mode", nargs="+", choices=["fwd", "bwd", "fwdbwd"], default=["fwd", "bwd", "fwdbwd"])
     ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--mask", nargs="+", choices=["causal", "bidir"], default=None, help="default: causal on cpu")
     ap.add_argument("--T", nargs="+", type=int, default=None, help="sequence lengths (default: per device)")
     ap.add_argument("--quick", action="store_true", help="two sequence lengths, fewer repeats")
+    ap.add_argument("--features", type=int, default=None, help="M of the feature op (default: 128 GPU, 64 CPU)")
+    ap.add_argument("--providers", nargs="+", default=None, help="only these providers (default: all that run)")
+    ap.add_argument("--out-dir", default=None, help="write CSVs here and append rows to OUT_DIR/attn_rows.jsonl")
     args = ap.parse_args(argv)
+    bad = args.providers and not set(args.providers) <= set(SOFTMAX_PROVIDERS + FEATURE_PROVIDERS)
+    if bad or (args.features is not None and args.features < 1):
+        ap.error(f"--features must be >= 1 and --providers among {SOFTMAX_PROVIDERS + FEATURE_PROVIDERS}; got "
+                 f"{args.features}, {args.providers}")
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but torch.cuda.is_available() is False; use --device cpu")
@@ -321,10 +349,13 @@ def main(argv: list[str] | None = None) -> None:
     all_rows = []
     for op in args.op:
         H, Hkv, D, Dv = SHAPES[kind][op]
-        M = N_FEATURES[kind]
+        M = args.features or N_FEATURES[kind]
         for mask in masks:
             causal = mask == "causal"
-            names = providers_for(op, kind)
+            names = [p for p in providers_for(op, kind) if not args.providers or p in args.providers]
+            if not names:
+                print(f"# {op}: none of --providers {args.providers} runs on {kind}; skipped")
+                continue
             gate = {p: verify(p, op, (H, Hkv, D, Dv), M, causal, dtype, device, backend) for p in names}
             for mode in args.mode:
                 rows = []
@@ -337,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
                                "provider": p, "status": status if ok else f"RED: {status}",
                                "ms": None, "ms_p20": None, "ms_p80": None, "tflops": None, "peak_mib": "n/a",
                                "flops_formula": "feature_flops" if p in FEATURE_PROVIDERS else "attn_flops",
+                               "path": _feature_path(p, D, Dv, M, device),
                                "device": env["device"]}  # fmt: skip
                         if ok and p in ("reference", "feature_ref") and T > REF_MAX_T[kind]:
                             row["status"] = f"skipped (T > {REF_MAX_T[kind]})"
@@ -354,12 +386,14 @@ def main(argv: list[str] | None = None) -> None:
                                        tflops=round(flops / ms / 1e9, 5), peak_mib=peak)  # fmt: skip
                             del q, k, v, do, fn
                         print("JSON " + json.dumps(row), flush=True)
+                        if args.out_dir:
+                            with open(os.path.join(args.out_dir, "attn_rows.jsonl"), "a") as f:
+                                f.write(json.dumps(row) + "\n")
                         rows.append(row)
                 print_table(rows, f"{op} {mode} {mask} {dtype_name} (H {H}/{Hkv}, D {D}/{Dv})")
-                print(f"# csv: {write_csv(rows, env, op, mode, dtype_name)}")
+                print(f"# csv: {write_csv(rows, env, op, mode, dtype_name, args.out_dir)}")
                 all_rows += rows
-    for line in summarize(all_rows):
-        print("# " + line)
+    print("".join(f"# {line}\n" for line in summarize(all_rows)), end="")
 
 
 if __name__ == "__main__":

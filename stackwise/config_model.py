@@ -37,6 +37,8 @@ class AttentionConfig:
     """Number of random features M per head (shared by all heads and layers of one model)."""
     kernel_seed: int = 0
     """Seed of the random-feature matrix; the matrix is regenerated from it, never stored."""
+    kernel_trig_temperature: float = 1.0
+    """Initial trig-map temperature tau > 0 (learnt per kv head as log tau): weight exp(tau^2 s^2 (cos - 1)); 1 = untempered."""
 
     def __post_init__(self) -> None:
         _one_of("model.attention.attention_type", self.attention_type, ATTENTION_TYPES)
@@ -47,6 +49,7 @@ class AttentionConfig:
         for name in ("mla_rkv", "qk_nope_head_dim", "v_head_dim", "kernel_n_features"):
             _in_range(f"model.attention.{name}", getattr(self, name), 1)
         _in_range("model.attention.mla_rq", self.mla_rq, 0)
+        _in_range("model.attention.kernel_trig_temperature", self.kernel_trig_temperature, 0.0, lo_open=True)
         _in_range("model.attention.qk_rope_head_dim", self.qk_rope_head_dim, 0)
         if self.qk_rope_head_dim % 2:
             raise ConfigError(

@@ -18,6 +18,8 @@ boolean mask (``masked_attention``), and without one nothing changes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,7 +161,9 @@ class FeatureAttention(Attention):
     """Random-feature (kernel) attention, linear in T, with Attention's projections: x [B, T, C] -> [B, T, C].
 
     The random projection W [head_dim, n_features] is a non-persistent buffer drawn from
-    ``attention.kernel_seed`` (shared by all layers and heads); checkpoints never store it.
+    ``attention.kernel_seed`` (shared by all layers and heads); checkpoints never store it. With the "trig" map
+    the block learns a temperature per kv head, stored as ``log_temperature`` [n_kv_heads] and initialised
+    to log(``attention.kernel_trig_temperature``).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -168,6 +172,15 @@ class FeatureAttention(Attention):
         self.feature_map = a.kernel_feature_map
         W = draw_features(self.head_dim, a.kernel_n_features, family=a.kernel_family, seed=a.kernel_seed)
         self.register_buffer("W", W, persistent=False)
+        self.trig_temperature = a.kernel_trig_temperature
+        if self.feature_map == "trig":
+            self.log_temperature = nn.Parameter(torch.full((self.n_kv_heads,), math.log(self.trig_temperature)))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "log_temperature"):
+            with torch.no_grad():
+                self.log_temperature.fill_(math.log(self.trig_temperature))
 
     def forward(self, x, rope=None, *, causal: bool, cache: KVCache | None = None, start_pos=0, key_mask=None):
         if cache is not None:
@@ -177,5 +190,7 @@ class FeatureAttention(Attention):
                                       "run prompts of different lengths one at a time")
         B, T, _ = x.shape
         q, k, v = self._qkv(x, rope, start_pos)
-        o = feature_attention(q, k, v, self.W, causal=causal, feature_map=self.feature_map, backend=self.backend)
+        tau = self.log_temperature.exp() if self.feature_map == "trig" else None
+        o = feature_attention(q, k, v, self.W, causal=causal, feature_map=self.feature_map, backend=self.backend,
+                              temperature=tau)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))

@@ -90,6 +90,7 @@ def feature_attention(
     feature_map: str = "softmax",
     scale: float | None = None,
     backend: str = "auto",
+    temperature: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Random-feature (kernel) attention, O(T) in time and memory.
 
@@ -101,10 +102,17 @@ def feature_attention(
         causal: query i attends to keys j <= i.
         feature_map: "softmax" (positive features estimating exp(q.k * scale)) or "trig" (random Fourier).
         scale: defaults to D ** -0.5.
-        backend: "auto" | "triton" | "torch".
+        backend: "auto" | "triton" | "torch". "auto" runs the torch path on CUDA where the Triton feature
+            kernels' tiles do not fit (``features.triton.fits``: M features x head dim over 64 x 128, 2M for
+            "trig"); "triton" raises there.
+        temperature: "trig" only: tau > 0, a float or a tensor [] / [Hkv] (one per kv head, differentiable);
+            the estimated weight is exp(tau^2 s^2 (cos(q, k) - 1)). None means 1.
 
     Returns:
         torch.Tensor: [B, H, T, Dv], dtype of q.
+
+    Raises:
+        ValueError: bad shapes or arguments, naming them; a temperature with feature_map="softmax".
 
     Examples::
 
@@ -121,9 +129,20 @@ def feature_attention(
         raise ValueError(f"W must be [head_dim={q.shape[-1]}, n_features], got {got}; use draw_features()")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {list(FEATURE_MAPS)}, got {feature_map!r}")
+    if temperature is not None:
+        if feature_map != "trig":
+            raise ValueError(f"temperature applies to feature_map='trig' only, got feature_map={feature_map!r}")
+        t = torch.as_tensor(temperature)
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() != k.shape[1]):
+            raise ValueError(f"temperature must be a scalar or [n_kv_heads={k.shape[1]}], got shape {tuple(t.shape)}")
+        if isinstance(temperature, (int, float)) and not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
     which = choose_backend(backend, q.device)
     if which == "triton":
-        from .features.triton import triton_feature_attention
+        from .features.triton import fits, triton_feature_attention
 
-        return triton_feature_attention(q, k, v, W, causal=causal, feature_map=feature_map, scale=scale)
-    return feature_attention_chunked(q, k, v, W.to(q.device), causal=causal, feature_map=feature_map, scale=scale)
+        if backend == "triton" or fits(q.shape[-1], v.shape[-1], W.shape[1], feature_map == "trig", q.device):
+            return triton_feature_attention(q, k, v, W, causal=causal, feature_map=feature_map, scale=scale,
+                                            temperature=temperature)
+    return feature_attention_chunked(q, k, v, W.to(q.device), causal=causal, feature_map=feature_map, scale=scale,
+                                     temperature=temperature)

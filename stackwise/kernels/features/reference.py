@@ -12,9 +12,10 @@ Feature maps, with x' = x * sqrt(scale) (so q'.k' = scale * q.k) and W [D, M] fr
   the running max m_i = max_{j <= i} r_j of the per-key maxima r_j (see :func:`key_features_causal`), so no
   future key can push past keys' features to zero. All factors cancel exactly in the ratio.
 - ``trig``: random Fourier features (Rahimi & Recht 2007) on unit-normalised inputs, as in RFA (Peng et al.
-  2021): x^ = s * x / |x| with s = sqrt(scale) * D^(1/4) (s = 1 at the default scale), phi(x) =
-  [cos(x^W), sin(x^W)] / sqrt(M). For Gaussian W this estimates exp(-|q^-k^|^2 / 2) = exp(s^2 (cos(q, k) - 1)),
-  softmax over cosine similarity at temperature s^2; for "laplacian" W (Cauchy entries scaled by 1/sqrt(D))
+  2021): x^ = tau * s * x / |x| with s = sqrt(scale) * D^(1/4) (s = 1 at the default scale) and a temperature
+  tau (default 1; per kv head, learnable in ``FeatureAttention``), phi(x) = [cos(x^W), sin(x^W)] / sqrt(M). For
+  Gaussian W this estimates exp(-|q^-k^|^2 / 2) = exp(tau^2 s^2 (cos(q, k) - 1)), softmax over cosine
+  similarity at temperature tau^2 s^2 (at tau = 1 two keys' weights differ by at most e^2 = 7.4); for "laplacian" W (Cauchy entries scaled by 1/sqrt(D))
   it estimates exp(-|q^-k^|_1 / sqrt(D)). Without the normalisation the kernel values of raw q, k fall far
   below the features' noise. Weights can still be negative for few features; the normaliser is clamped.
 
@@ -80,12 +81,51 @@ def draw_features(
     return w.to(dtype=dtype, device=device).contiguous()
 
 
-def feature_map_ref(x: torch.Tensor, W: torch.Tensor, *, feature_map: str, scale: float, is_query: bool) -> torch.Tensor:
+def head_temperature(temperature: torch.Tensor | float, n_heads: int) -> torch.Tensor:
+    """tau as a tensor broadcasting over x [B, n_heads, T, D]: a scalar, or [Hkv] repeated to the heads of x.
+
+    Query head h uses kv head h // (H / Hkv)'s tau, so q and k of a group share one temperature.
+
+    Raises:
+        ValueError: a temperature that is not a scalar or a 1-d tensor whose length divides n_heads.
+    """
+    t = torch.as_tensor(temperature)
+    if t.dim() == 0:
+        return t
+    if t.dim() != 1 or t.numel() == 0 or n_heads % t.numel():
+        raise ValueError(
+            f"temperature must be a scalar or a [n_kv_heads] tensor dividing the {n_heads} heads, got shape "
+            f"{tuple(t.shape)}"
+        )
+    return t.repeat_interleave(n_heads // t.numel()).view(-1, 1, 1)
+
+
+def trig_normalise(x: torch.Tensor, *, scale: float, temperature: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The "trig" map's input x^ = tau * s * x / max(|x|, 1e-6), s = sqrt(scale) * D^(1/4), for x [B, H, T, D].
+
+    tau (``temperature``, default 1) sharpens the estimated weight exp(tau^2 s^2 (cos(q, k) - 1)): at tau = 1 it
+    lies in [e^-2, 1] at the default scale (a ratio of at most 7.4 between two keys), at tau = 3 in [e^-18, 1].
+    """
+    s = math.sqrt(scale) * x.shape[-1] ** 0.25
+    factor = s / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    if temperature is not None:
+        factor = factor * head_temperature(temperature, x.shape[1]).to(device=x.device, dtype=x.dtype)
+    return x * factor
+
+
+def feature_map_ref(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    feature_map: str,
+    scale: float,
+    is_query: bool,
+    temperature: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """phi(x) for x [B, H, T, D] -> [B, H, T, M] (softmax) or [B, H, T, 2M] (trig), float32 or float64."""
-    M, D = W.shape[1], W.shape[0]
+    M = W.shape[1]
     if feature_map == "trig":
-        s = math.sqrt(scale) * D**0.25
-        xs = x * (s / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        xs = trig_normalise(x, scale=scale, temperature=temperature)
         proj = torch.matmul(xs, W.to(xs.dtype))  # [B, H, T, M]
         return torch.cat([torch.cos(proj), torch.sin(proj)], dim=-1) / math.sqrt(M)
     xs = x * math.sqrt(scale)
@@ -137,6 +177,7 @@ def feature_attention_ref(
     scale: float | None = None,
     eps: float = 1e-20,
     upcast: bool = True,
+    temperature: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Random-feature attention, quadratic form (the spec).
 
@@ -150,12 +191,13 @@ def feature_attention_ref(
         scale: defaults to D ** -0.5.
         eps: lower clamp of the normaliser.
         upcast: compute in float32 (float64 stays float64).
+        temperature: "trig" only: tau, a scalar or [Hkv] (see :func:`trig_normalise`).
 
     Returns:
         torch.Tensor: [B, H, T, Dv] in the input dtype.
     """
     q, k, v, W, scale, dtype = _prepare(q, k, v, W, scale, upcast)
-    pq = feature_map_ref(q, W, feature_map=feature_map, scale=scale, is_query=True)
+    pq = feature_map_ref(q, W, feature_map=feature_map, scale=scale, is_query=True, temperature=temperature)
     if causal and feature_map == "softmax":
         # per query i the key stabiliser m_i = max over keys j <= i only: no dependence on the future
         pk, r = key_features_causal(k, W, scale=scale)
@@ -165,7 +207,7 @@ def feature_attention_ref(
         expo = torch.where(keep, r.unsqueeze(-2) - m.unsqueeze(-1), float("-inf"))  # [B, H, T, T]
         a = torch.matmul(pq, pk.transpose(-1, -2)) * torch.exp(expo)
     else:
-        pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)
+        pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False, temperature=temperature)
         a = torch.matmul(pq, pk.transpose(-1, -2))  # [B, H, T, T]
     if causal:
         T = a.shape[-1]
@@ -185,6 +227,7 @@ def feature_attention_chunked(
     scale: float | None = None,
     eps: float = 1e-20,
     chunk: int = 64,
+    temperature: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Random-feature attention in O(T): same arguments and result as :func:`feature_attention_ref`.
 
@@ -197,11 +240,17 @@ def feature_attention_chunked(
     kw = dict(causal=causal, feature_map=feature_map, scale=scale, eps=eps, chunk=chunk)
     # short sequences fit in cache whole; there the per-group loop would only add Python overhead
     if B * Hkv == 1 or T < GROUP_MIN_T:
-        return _feature_attention_group(q, k, v, W, **kw)
+        return _feature_attention_group(q, k, v, W, temperature=temperature, **kw)
+    tau = None if temperature is None else torch.as_tensor(temperature)
+    per_head = tau is not None and tau.dim() == 1
+    if per_head and tau.numel() != Hkv:
+        raise ValueError(f"temperature must be a scalar or [n_kv_heads={Hkv}], got shape {tuple(tau.shape)}")
     # upcast W once: every group then shares (and saves for backward) the same tensor
     W = W.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     rows = [torch.cat([_feature_attention_group(q[b : b + 1, j * G : (j + 1) * G], k[b : b + 1, j : j + 1],
-                                                v[b : b + 1, j : j + 1], W, **kw) for j in range(Hkv)], dim=1)
+                                                v[b : b + 1, j : j + 1], W,
+                                                temperature=tau[j : j + 1] if per_head else tau, **kw)
+                       for j in range(Hkv)], dim=1)
             for b in range(B)]
     return torch.cat(rows, dim=0)
 
@@ -217,6 +266,7 @@ def _feature_attention_group(
     scale: float | None,
     eps: float,
     chunk: int,
+    temperature: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """The chunked computation for any [B, H, T, D] / [B, Hkv, T, D] (called per group by the function above).
 
@@ -234,14 +284,14 @@ def _feature_attention_group(
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     W = W.to(q.dtype)
-    pq = feature_map_ref(q, W, feature_map=feature_map, scale=scale, is_query=True)  # [B, H, T, M']
+    pq = feature_map_ref(q, W, feature_map=feature_map, scale=scale, is_query=True, temperature=temperature)
     stab_causal = causal and feature_map == "softmax"
     if stab_causal:
         # own-stabilised key features and per-key maxima r; query i uses the running max m_i over keys <= i
         pk, r = key_features_causal(k, W, scale=scale)  # [B, Hkv, T, M'], [B, Hkv, T]
     else:
         # the key stabiliser is a max over all keys of one kv head: the same as over the repeated keys
-        pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False)  # [B, Hkv, T, M']
+        pk = feature_map_ref(k, W, feature_map=feature_map, scale=scale, is_query=False, temperature=temperature)
     Mp = pq.shape[-1]
     pq = pq.view(B, Hkv, G, T, Mp)
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B, Hkv, T, Dv + 1]

@@ -5,7 +5,8 @@ Computes exactly :func:`stackwise.kernels.features.reference.feature_attention_r
 ``o_i = sum_j a_ij v_j / max(sum_j a_ij, eps)``, ``a_ij = phi(q_i) . phi(k_j)`` (j <= i when causal),
 with the "softmax" (FAVOR+, stabilised) and "trig" (random Fourier on unit-normalised inputs) maps of the
 reference module docstring. phi(q), phi(k) are recomputed in registers from q, k and W and never written to
-global memory; "trig" runs as one feature axis of width 2M over ``[W, W]`` (cos columns, then sin columns).
+global memory; "trig" runs as one feature axis of width 2M over ``[W, W]`` (cos columns, then sin columns), on
+inputs that :func:`~.reference.trig_normalise` scaled on the host (x^ = tau * s * x / |x|, tau the temperature).
 
 Kernels, per (batch, head), with F = M ("softmax") or 2M ("trig") features and T split into ``n_split``
 segments of ``CPS`` chunks of ``BLOCK_T`` rows (segments give the GPU parallelism along T):
@@ -28,10 +29,11 @@ segments of ``CPS`` chunks of ``BLOCK_T`` rows (segments give the GPU parallelis
 Precision: loads are upcast to fp32 right after ``tl.load``; all matmuls are fp32 (``input_precision`` "ieee"
 for fp32 inputs, "tf32" for bf16/fp16 inputs on GPU, where the inputs already carry that much noise).
 
-Caveats: the state tile [F, Dv] and the feature tile [BLOCK_T, F] live in registers; on GPU that is fine up to
-about F * Dv = 128 * 128 and spills beyond (TODO(issue 4 follow-up): split F across programs for M >= 128
-"softmax" / M >= 64 "trig"). Not yet run on a GPU; CI runs it under ``TRITON_INTERPRET=1``. Inputs that are
-not contiguous are copied once (``.contiguous()``).
+Caveats: the state tile [F, Dv] and the feature tile [BLOCK_T, F] live in registers and are staged through
+shared memory whole, so the kernels run only up to BLOCK_F x head dim = ``MAX_TILE`` (:func:`tiles`,
+:func:`fits`; checked by benchmarks/kernel_compile_check.py); larger M runs the torch path under backend="auto"
+(TODO(issue 14 follow-up): split F across programs). Not yet run on a GPU; CI runs it under
+``TRITON_INTERPRET=1``. Inputs that are not contiguous are copied once (``.contiguous()``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .._utils import check_attention_inputs, interpreting
-from .reference import FEATURE_MAPS
+from .reference import FEATURE_MAPS, trig_normalise
 
 # normaliser clamp, the reference's default eps
 EPS = 1e-20
@@ -56,9 +58,9 @@ def _phi_fwd(x, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m,
              M: tl.constexpr, IS_TRIG: tl.constexpr, IS_QUERY: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """phi(x) [BLOCK_T, BLOCK_F] from raw x [BLOCK_T, BLOCK_D] and w [BLOCK_D, BLOCK_F]; 0 outside the masks."""
     if IS_TRIG:
+        # x arrives normalised and temperature-scaled (trig_normalise on the host): x^ = x * x_scale
         f_mask = offs_f < 2 * M
-        nrm = tl.sqrt(tl.sum(x * x, 1))
-        xs = x * (x_scale / tl.maximum(nrm, 1e-6))[:, None]
+        xs = x * x_scale
         proj = tl.dot(xs, w, input_precision=PREC)  # [BLOCK_T, BLOCK_F]
         phi = tl.where((offs_f >= M)[None, :], tl.sin(proj), tl.cos(proj))
     else:
@@ -80,18 +82,13 @@ def _phi_bwd(x, w, row_mask, offs_f, dphi, stab, x_scale, inv_sqrt_m,
              M: tl.constexpr, IS_TRIG: tl.constexpr, IS_QUERY: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """dL/dx [BLOCK_T, BLOCK_D] from dL/dphi [BLOCK_T, BLOCK_F]; recomputes the features, stabilisers detached."""
     if IS_TRIG:
+        # the normalisation's gradient is torch autograd's (trig_normalise ran on the host)
         mask = row_mask[:, None] & (offs_f < 2 * M)[None, :]
-        nrm = tl.sqrt(tl.sum(x * x, 1))
-        nc = tl.maximum(nrm, 1e-6)
-        xs = x * (x_scale / nc)[:, None]
+        xs = x * x_scale
         proj = tl.dot(xs, w, input_precision=PREC)
         dproj = dphi * tl.where((offs_f >= M)[None, :], tl.cos(proj), -tl.sin(proj))
         dproj = tl.where(mask, dproj, 0.0) * inv_sqrt_m
-        dxs = tl.dot(dproj, tl.trans(w), input_precision=PREC)  # [BLOCK_T, BLOCK_D]
-        # through x / max(|x|, 1e-6): project out the radial part where the clamp is inactive
-        xhat = x / nc[:, None]
-        radial = tl.where(nrm >= 1e-6, tl.sum(xhat * dxs, 1), 0.0)
-        dx = (x_scale / nc)[:, None] * (dxs - xhat * radial[:, None])
+        dx = tl.dot(dproj, tl.trans(w), input_precision=PREC) * x_scale  # [BLOCK_T, BLOCK_D]
     else:
         phi = _phi_fwd(x, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, IS_QUERY, PREC)
         # d phi / d x' = phi * (W - x') for both maps (the stabilisers are constants)
@@ -514,6 +511,41 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+# the feature kernels run when BLOCK_F * max(BLOCK_D, BLOCK_DV) is at most this (e.g. M 64 "softmax" at head
+# dim 128, M 64 "trig" (F = 128) at 64): the state [F, Dv], the projection [D, F] and their transposes are
+# staged through shared memory whole, and larger tiles need more than a block has (sm_80: 240 KiB for "trig"
+# M 64 at D 128, 400+ KiB at M 256; measured with benchmarks/kernel_compile_check.py). Splitting F across
+# programs would lift this (TODO(issue 14 follow-up)); until then backend="auto" runs the torch path there.
+MAX_TILE = 64 * 128
+
+
+def tiles(D: int, DV: int, M: int, is_trig: bool, arch: int = 90) -> dict[str, int] | None:
+    """Block sizes, warps and stages of every feature kernel on sm_<arch>, or None where they cannot fit.
+
+    Chunks of 64 rows (Hopper's ``wgmma`` needs 64), 32 rows on sm_8x once the tiles pass 64 x 64 (shared
+    memory: the dK/dV kernel needs 160 KiB of sm_80's 163 at 64 rows, 104 KiB at 32); one stage (the loop
+    bodies are long and pipelining the chunk loads doubled the shared memory); 4 warps up to a 64 x 64 state,
+    8 beyond. benchmarks/kernel_compile_check.py compiles exactly these for sm_80 and sm_90.
+    """
+    bd, bdv, bf = _pow2(D), _pow2(DV), _pow2(2 * M if is_trig else M)
+    if interpreting():
+        return dict(BLOCK_T=64, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_F=bf, num_warps=4, num_stages=1)
+    size = bf * max(bd, bdv)
+    if size > MAX_TILE:
+        return None
+    bt = 64 if arch >= 90 or size <= 64 * 64 else 32
+    return dict(BLOCK_T=bt, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_F=bf, num_warps=4 if bf * bdv <= 64 * 64 else 8,
+                num_stages=1)
+
+
+def fits(D: int, DV: int, M: int, is_trig: bool, device: torch.device) -> bool:
+    """True when the Triton feature kernels run these sizes (always under the interpreter)."""
+    if interpreting() or device.type != "cuda":
+        return True
+    major, minor = torch.cuda.get_device_capability(device)
+    return tiles(D, DV, M, is_trig, 10 * major + minor) is not None
+
+
 class _Plan:
     """Shapes, block sizes, T segments and the padded fp32 projection shared by forward and backward."""
 
@@ -524,12 +556,22 @@ class _Plan:
         self.causal = bool(causal)
         self.is_trig = feature_map == "trig"
         scale = self.D**-0.5 if scale is None else float(scale)
-        # x' = x * sqrt(scale) ("softmax"); x^ = x / |x| * sqrt(scale) * D^(1/4) ("trig")
-        self.x_scale = math.sqrt(scale) * (self.D**0.25 if self.is_trig else 1.0)
+        # x' = x * sqrt(scale) ("softmax"); "trig" inputs arrive as x^ from trig_normalise (scale applied)
+        self.x_scale = 1.0 if self.is_trig else math.sqrt(scale)
         self.inv_sqrt_m = 1.0 / math.sqrt(self.M)
         F = 2 * self.M if self.is_trig else self.M
-        self.BLOCK_D, self.BLOCK_DV, self.BLOCK_F = _pow2(self.D), _pow2(self.DV), _pow2(F)
-        self.BLOCK_T = 64 if interpreting() or self.BLOCK_F * max(self.BLOCK_D, self.BLOCK_DV) <= 128 * 128 else 32
+        arch = 90
+        if q.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(q.device)
+            arch = 10 * major + minor
+        t = tiles(self.D, self.DV, self.M, self.is_trig, arch)
+        if t is None:
+            raise ValueError(
+                f"the Triton feature kernels do not fit head dim {self.D}/{self.DV} with {self.M} "
+                f"{feature_map!r} features (BLOCK_F x head dim over {MAX_TILE}); use backend='auto' or 'torch', "
+                "or fewer features"
+            )
+        self.BLOCK_D, self.BLOCK_DV, self.BLOCK_F, self.BLOCK_T = t["BLOCK_D"], t["BLOCK_DV"], t["BLOCK_F"], t["BLOCK_T"]
         w = W.to(device=q.device, dtype=torch.float32)
         w = torch.cat([w, w], dim=1) if self.is_trig else w
         self.w = torch.zeros(self.BLOCK_D, self.BLOCK_F, device=q.device, dtype=torch.float32)
@@ -544,14 +586,14 @@ class _Plan:
             splits = max(1, min(n_blocks, (4 * sms) // (self.B * self.H)))
             self.cps = triton.cdiv(n_blocks, splits)
         self.n_split = triton.cdiv(n_blocks, self.cps)
-        self.num_warps = 4 if self.BLOCK_F * self.BLOCK_DV <= 64 * 64 else 8
+        self.num_warps, self.num_stages = t["num_warps"], t["num_stages"]
         # causal "softmax": per-query running key max instead of the global one (no look-ahead)
         self.run_max = self.causal and not self.is_trig
 
     def meta(self) -> dict:
         return dict(
             D=self.D, DV=self.DV, M=self.M, IS_TRIG=self.is_trig, BLOCK_T=self.BLOCK_T, BLOCK_D=self.BLOCK_D,
-            BLOCK_DV=self.BLOCK_DV, BLOCK_F=self.BLOCK_F, PREC=self.prec, num_warps=self.num_warps,
+            BLOCK_DV=self.BLOCK_DV, BLOCK_F=self.BLOCK_F, PREC=self.prec, num_warps=self.num_warps, num_stages=self.num_stages,
         )  # fmt: skip
 
 
@@ -569,7 +611,7 @@ def _key_max(k: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor, 
     pmax = torch.empty(n_kv, plan.T, device=k.device, dtype=torch.float32)
     _feature_key_max_kernel[(n_t, n_kv)](
         k, plan.w, pmax, plan.T, plan.x_scale, D=plan.D, M=plan.M, BLOCK_T=plan.BLOCK_T, BLOCK_D=plan.BLOCK_D,
-        BLOCK_F=plan.BLOCK_F, PREC=plan.prec, num_warps=plan.num_warps,
+        BLOCK_F=plan.BLOCK_F, PREC=plan.prec, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     if plan.run_max:
         return pmax[:, 0].contiguous(), pmax, pmax.cummax(dim=1).values.contiguous()
@@ -749,8 +791,9 @@ def triton_feature_attention(
     causal: bool,
     feature_map: str = "softmax",
     scale: float | None = None,
+    temperature: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Random-feature attention (Triton), linear in T, differentiable in q, k, v (not W).
+    """Random-feature attention (Triton), linear in T, differentiable in q, k, v, temperature (not W).
 
     Args:
         q (torch.Tensor): [B, H, T, D].
@@ -760,12 +803,16 @@ def triton_feature_attention(
         causal: query i attends to keys j <= i only.
         feature_map: "softmax" (FAVOR+, estimates exp(q.k * scale)) or "trig" (random Fourier features).
         scale: defaults to D ** -0.5.
+        temperature: "trig" only: tau, a float or a tensor [] / [Hkv] (per kv head); see
+            :func:`~stackwise.kernels.features.reference.trig_normalise`. The normalisation runs in torch
+            (autograd gives its gradient, also to tau); the kernels take the normalised x^.
 
     Returns:
         torch.Tensor: [B, H, T, Dv] in q's dtype.
 
     Raises:
-        ValueError: bad shapes, dtypes or devices (naming the argument), T != S, D or M too large.
+        ValueError: bad shapes, dtypes or devices (naming the argument), T != S, D or M too large
+            (:func:`fits`), a temperature with the "softmax" map.
         RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
 
     Examples::
@@ -775,4 +822,11 @@ def triton_feature_attention(
         >>> triton_feature_attention(q, k, v, W, causal=True).shape
         torch.Size([1, 4, 1024, 64])
     """
+    if feature_map == "trig":
+        _check_inputs(q, k, v, W, feature_map)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        q = trig_normalise(q.float(), scale=scale, temperature=temperature).to(q.dtype)
+        k = trig_normalise(k.float(), scale=scale, temperature=temperature).to(k.dtype)
+    elif temperature is not None:
+        raise ValueError(f"temperature applies to feature_map='trig' only, got feature_map={feature_map!r}")
     return FeatureAttentionFunction.apply(q, k, v, W, causal, feature_map, scale)

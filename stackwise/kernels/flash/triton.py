@@ -306,35 +306,82 @@ def _attention_bwd_kernel_dkv(
     )
 
 
-def _keep(conf: triton.Config) -> bool:
-    """Drop GPU configs whose tiles cannot fit: 128-row query blocks only with 8 warps."""
-    return not (conf.kwargs["BLOCK_M"] == 128 and conf.num_warps < 8)
+# per-block shared memory (bytes) by target, when the device does not report it (sm_86/89/120 have 99 KiB)
+SMEM_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# room left in the estimate below for the layout-conversion scratch Triton adds beside the pipelined tiles
+SMEM_MARGIN = 32 * 1024
 
-
-# forward autotune list; the interpreter gets one config (autotune with several fails there)
-FWD_CONFIGS = [
+# the full GPU forward list; fwd_configs() keeps the ones that fit a given head dim, dtype and target
+_FWD_ALL = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm in (64, 128)
     for bn in (32, 64)
     for w in (4, 8)
     for s in (2, 3)
+    if not (bm == 128 and w < 8)  # a 128-row query block needs 8 warps to hold its tiles in registers
 ]
-FWD_CONFIGS = (
-    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)] if interpreting() else list(filter(_keep, FWD_CONFIGS))
-)
+# the interpreter gets one config (autotune with several fails there)
+_FWD_INTERPRET = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)]
+FWD_CONFIGS = _FWD_INTERPRET if interpreting() else _FWD_ALL
 
 
-def _prune_wide(configs, named_args, **kwargs):
-    """Padded head dim 256 (Dqk 192 / 256): smaller key blocks to keep the q tile plus k tile in registers."""
-    wide = max(kwargs["BLOCK_DQK"], kwargs["BLOCK_DV"]) > 128
-    kept = [c for c in configs if not (wide and c.kwargs["BLOCK_N"] > 32)]
-    return kept or configs
+def smem_limit(arch: int) -> int:
+    """Shared memory per block (bytes) on sm_<arch>; 99 KiB for targets not in the table."""
+    return SMEM_PER_BLOCK.get(arch, 99 * 1024)
+
+
+def fwd_configs(block_dqk: int, block_dv: int, lowp: bool, arch: int, smem: int | None = None) -> list:
+    """The forward configs the launcher may autotune over for these padded head dims, dtype and target.
+
+    Rules (checked by benchmarks/kernel_compile_check.py, which compiles every config this returns):
+    head dims padded past 128 use 32-key blocks (the q tile plus a k tile stay in registers); fp32 inputs
+    (``lowp`` False: 4-byte tiles, no tensor cores) use 64-row query blocks and 8 warps only (at 4 warps a
+    64 x 64 fp32 forward spilled 17 KiB per thread on sm_80, and fp32 is a correctness path, not a
+    speed one); and the pipelined k/v tiles, ``num_stages * BLOCK_N * (BLOCK_DQK + BLOCK_DV) * bytes``, leave
+    ``SMEM_MARGIN`` of the block's shared memory (``smem``, default :func:`smem_limit`) free.
+    """
+    if interpreting():
+        return list(_FWD_INTERPRET)
+    smem = smem_limit(arch) if smem is None else smem
+    wide = max(block_dqk, block_dv) > 128
+    elt = 2 if lowp else 4
+    kept = []
+    for c in _FWD_ALL:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if wide and bn > 32:
+            continue
+        if not lowp and (bm > 64 or c.num_warps < 8):
+            continue
+        if c.num_stages * bn * (block_dqk + block_dv) * elt + SMEM_MARGIN > smem:
+            continue
+        kept.append(c)
+    return kept
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability of a CUDA device as an int (sm_90 -> 90)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def device_smem(device: torch.device) -> int:
+    """Opt-in shared memory per block of a CUDA device (bytes); the table value on torch builds without it."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or smem_limit(device_arch(device)))
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """Autotune pruner: :func:`fwd_configs` for the current CUDA device."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    keep = fwd_configs(kwargs["BLOCK_DQK"], kwargs["BLOCK_DV"], kwargs["LOWP"], device_arch(dev), device_smem(dev))
+    names = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in keep}
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in names]
 
 
 _attention_fwd_tuned = triton.autotune(
     configs=FWD_CONFIGS,
     key=["T", "DQK", "DV", "GROUP", "CAUSAL", "LOWP"],
-    prune_configs_by={"early_config_prune": _prune_wide} if not interpreting() else None,
+    prune_configs_by={"early_config_prune": _prune_fwd} if not interpreting() else None,
 )(_attention_fwd_kernel)
 
 
@@ -372,13 +419,21 @@ def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     return lowp, "ieee"
 
 
-def _bwd_blocks(block_dqk: int, block_dv: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for the backward kernels."""
+def bwd_blocks(block_dqk: int, block_dv: int, arch: int, lowp: bool = True) -> dict[str, tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ and dK/dV kernels on sm_<arch>.
+
+    Each kernel puts 64 rows on the output side of its matmuls (dQ: 64 query rows against 32-key blocks;
+    dK/dV: 64 key rows against 32-query blocks), the row count Hopper's ``wgmma`` needs, with 8 warps: at
+    every head dim this spills least among the tiles tried (registers and spills are in the compile
+    check's table). On sm_8x (``mma.sync``, no such row minimum) and for fp32 (``lowp`` False: no tensor
+    cores; 64-row fp32 tiles at head dim 256 spilled 24-36 KiB per thread on sm_90) head dims padded past 128
+    keep 32 x 32.
+    """
     if interpreting():
-        return 64, 64, 4
-    if max(block_dqk, block_dv) > 128:
-        return 32, 32, 8
-    return 64, 64, 4
+        return {"dq": (64, 32, 4, 2), "dkv": (32, 64, 4, 2)}
+    if (arch < 90 or not lowp) and max(block_dqk, block_dv) > 128:
+        return {"dq": (32, 32, 8, 2), "dkv": (32, 32, 8, 2)}
+    return {"dq": (64, 32, 8, 2), "dkv": (32, 64, 8, 2)}
 
 
 def attention_fwd(
@@ -447,8 +502,8 @@ def attention_bwd(
         raise ValueError(f"do must have the output's shape {tuple(o.shape)} and stride 1 in its last dim")
     scale = DQK**-0.5 if scale is None else float(scale)
     block_dqk, block_dv = _block_dim(DQK), _block_dim(DV)
-    block_m, block_n, warps = _bwd_blocks(block_dqk, block_dv)
     lowp, prec = _dot_flags(q.dtype)
+    blocks = bwd_blocks(block_dqk, block_dv, device_arch(q.device) if q.device.type == "cuda" else 90, lowp)
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     _attention_bwd_kernel_preprocess[(triton.cdiv(T, 64), B * H)](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T, DV=DV, BLOCK_DV=block_dv, BLOCK_M=64
@@ -458,17 +513,19 @@ def attention_bwd(
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     common = dict(
         GROUP=H // HKV, DQK=DQK, DV=DV, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-        CAUSAL=bool(causal), LOWP=lowp, PREC=prec, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        CAUSAL=bool(causal), LOWP=lowp, PREC=prec,
     )  # fmt: skip
-    _attention_bwd_kernel_dq[(triton.cdiv(T, block_m), B * H)](
+    bm, bn, warps, stages = blocks["dq"]
+    _attention_bwd_kernel_dq[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, dq,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        H, T, scale, **common,
+        H, T, scale, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
-    _attention_bwd_kernel_dkv[(triton.cdiv(T, block_n), B * HKV)](
+    bm, bn, warps, stages = blocks["dkv"]
+    _attention_bwd_kernel_dkv[(triton.cdiv(T, bn), B * HKV)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        H, HKV, T, scale, **common,
+        H, HKV, T, scale, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -10,6 +10,10 @@
 - ``clm``: the target at t is the token at t + 1; the last position is unsupervised.
 
 Masks replace token ids, never embeddings. All randomness comes from the ``generator`` argument.
+
+``recon_weight`` (issue 13, InfoPro-style local term; diffusion only): the loss also scores the prediction of the
+*unmasked* input tokens, each counting ``recon_weight`` times a masked token (same denominator), so a stage's
+features are pushed to keep the visible tokens' identity as well as to predict the masked ones.
 """
 
 from __future__ import annotations
@@ -172,6 +176,7 @@ class Objective:
     mlm_rate: float = 0.15
     loss_weighting: str = "none"
     attention_mode: str = "bidirectional"
+    recon_weight: float = 0.0
 
     @classmethod
     def from_config(cls, objective_cfg, model_cfg, policy: str = "diffusion") -> "Objective":
@@ -183,7 +188,8 @@ class Objective:
                    mask_fraction_min=objective_cfg.mask_fraction_min, mask_fraction_max=objective_cfg.mask_fraction_max,
                    mlm_rate=objective_cfg.mlm_rate,
                    loss_weighting=objective_cfg.loss_weighting if policy == "diffusion" else "none",
-                   attention_mode=mode)
+                   attention_mode=mode,
+                   recon_weight=getattr(objective_cfg, "recon_weight", 0.0) if policy == "diffusion" else 0.0)
 
     def mask(self, input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A batch of views: ``x`` (masked ids), ``targets``, ``loss_mask`` and the realised ``rate`` [B]."""
@@ -203,4 +209,11 @@ class Objective:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
              denom: torch.Tensor | float | None = None) -> torch.Tensor:
-        return masked_loss(logits, targets, loss_mask, self.weights(loss_mask), denom)
+        weights = self.weights(loss_mask)
+        if not self.recon_weight:
+            return masked_loss(logits, targets, loss_mask, weights, denom)
+        # recon_weight: unmasked positions (targets = the visible input tokens) count recon_weight each
+        if denom is None:
+            denom = loss_normalizer(loss_mask, weights)
+        scored = loss_mask.float() + self.recon_weight * (~loss_mask).float()
+        return masked_loss(logits, targets, scored, weights, denom)

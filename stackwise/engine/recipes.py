@@ -13,11 +13,20 @@ The trainer calls these through small marked hooks; each recipe is a ``TrainConf
   path is a true copy, the MLP a warm start only.
 - ``train.stage_steps`` (``stage_config``): the split of the token budget across stages at the same total;
   the trainer runs stage i with ``train.max_steps = stage_steps[i]``.
+- ``train.stage_overlap`` (``overlap_layers`` / ``overlap_lr_scale`` / ``load_overlapped`` /
+  ``cache_overlapped``): stage k also trains layer k-1 (at ``train.overlap_lr_scale`` x the scheduled lr), its
+  input read from layer k-2's cache (the masked ids when k-1 = 0, and then the input embeddings train with it),
+  so the features layer k reads can move towards what layer k needs instead of staying what the head read at
+  stage k-1. Layer k-1's file and cache are rewritten; layer k-2's cache stays until then (two caches live under
+  ``engine.cache_keep=last``). Every cached activation is still computed by the final weights, so fusion's check
+  holds unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import torch
 
@@ -74,3 +83,50 @@ def stage_config(cfg, layer: int):
         return cfg
     n = steps[layer // cfg.train.layers_per_stage]
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=n))
+
+
+def overlap_layers(cfg, layers: list[int]) -> list[int]:
+    """The layers a stage runs and trains: ``layers``, plus layer first-1 under ``train.stage_overlap`` (first > 0)."""
+    layers = list(layers)
+    if not cfg.train.stage_overlap or layers[0] == 0:
+        return layers
+    return [layers[0] - 1] + layers
+
+
+def overlap_lr_scale(cfg, layers: list[int], model) -> dict[str, float]:
+    """{parameter name: train.overlap_lr_scale} for the overlapped (earlier) layer of the stage; empty when off."""
+    run = overlap_layers(cfg, layers)
+    if len(run) == len(layers):
+        return {}
+    pre = f"layers.{run[0]}."
+    names = {n: cfg.train.overlap_lr_scale for n, _ in model.named_parameters() if n.startswith(pre)}
+    if run[0] == 0 and not cfg.model.tie_embeddings:
+        names["tok_embeddings.weight"] = cfg.train.overlap_lr_scale  # the input embeddings belong to layer 0's file
+    return names
+
+
+def load_overlapped(model, cfg, load_layer, layers: list[int]) -> None:
+    """Load the overlapped layer's trained weights (and the input embeddings when it is layer 0) into ``model``."""
+    run = overlap_layers(cfg, layers)
+    if len(run) == len(layers):
+        return
+    k = run[0]
+    tensors = load_layer(k)
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            embed = name == "tok_embeddings.weight" and not cfg.model.tie_embeddings
+            if name.startswith(f"layers.{k}.") or embed:
+                if name not in own:  # a frozen seeded projection is not stored; anything else must fit
+                    raise ValueError(f"train.stage_overlap: {name} of layer {k}'s file has no place in the stage")
+                own[name].copy_(t.to(own[name].dtype))
+
+
+def cache_overlapped(model, run, layers: list[int], device, cfg, env, cache_outputs) -> None:
+    """Rewrite the overlapped layer's cache, then write the stage's own; drop the one before under cache_keep=last."""
+    ran = overlap_layers(cfg, layers)
+    keep_all = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, cache_keep="all"))
+    cache_outputs(model, run, ran[:1], device, keep_all, env)
+    cache_outputs(model, run, ran[1:], device, keep_all, env)
+    if cfg.engine.cache_keep == "last" and ran[0] > 0 and env.is_main:
+        shutil.rmtree(os.path.dirname(run.acts(ran[0] - 1, "val")), ignore_errors=True)

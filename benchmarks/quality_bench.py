@@ -103,6 +103,9 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
                                "train.stage_steps": "[1000,200,200,200]"}),
     # InfoPro-style local term: also predict the unmasked input tokens, weight 0.1
     "lw_recon": _lw(**{"objective.recon_weight": 0.1}),
+    # per-stage mask-rate bands of the cached views
+    "lw_depth_time": _lw(**{"objective.stage_mask_schedule": "depth_as_time"}),
+    "lw_curriculum": _lw(**{"objective.stage_mask_schedule": "curriculum"}),
     # full masking: rates up to 1.0 (the sampler starts from all masks)
     "lw_full_mask": _lw(**{"objective.mask_fraction_max": 1.0}),
 }

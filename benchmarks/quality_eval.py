@@ -90,7 +90,7 @@ def planned_peak_bytes(cfg, method: dict, *, device: str) -> float:
     e2e = plan_end_to_end(cfg, keep_frozen_mlp=True, **kw).total
     if method["kind"] == "e2e":
         return e2e
-    K = method.get("layers_per_stage", 1)
+    K = method.get("layers_per_stage", 1) + (1 if cfg.train.stage_overlap else 0)  # overlap: one more layer
     th = method.get("overrides", {}).get("train.stage_trains_head", True)
     # a K-layer stage holds K layers' activations and state; plan_stage models one layer, so scale its layer part
     one = max(plan_stage(cfg, layer=f, train_head=f == 0 or th, **kw).total for f in range(0, cfg.model.n_layers, K))

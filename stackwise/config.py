@@ -211,6 +211,8 @@ class ObjectiveConfig:
     """Masked views per training sequence, drawn once when the activation cache is built and reused by every stage."""
     recon_weight: float = 0.0
     """Diffusion loss also scores the unmasked input tokens, each at this weight of a masked token (0 = off)."""
+    stage_mask_schedule: str = "none"
+    """Per-stage mask-rate band of stages: none (off), depth_as_time (early stages high rates) or curriculum."""
 
     def __post_init__(self) -> None:
         _in_range("objective.mask_fraction_min", self.mask_fraction_min, 0.0, 1.0, lo_open=True)
@@ -225,6 +227,7 @@ class ObjectiveConfig:
         _one_of("objective.fine_tune_mode", self.fine_tune_mode, FINE_TUNE_MODES)
         _in_range("objective.mask_draws", self.mask_draws, 1)
         _in_range("objective.recon_weight", self.recon_weight, 0.0)
+        _one_of("objective.stage_mask_schedule", self.stage_mask_schedule, ("none", "depth_as_time", "curriculum"))
 
 
 @dataclass(kw_only=True)

@@ -177,6 +177,9 @@ class Objective:
     loss_weighting: str = "none"
     attention_mode: str = "bidirectional"
     recon_weight: float = 0.0
+    band: tuple[float, float] | None = None
+    """Issue-13 ``objective.stage_mask_schedule``: only sequences whose realised mask rate lies in [lo, hi] are
+    supervised (views are drawn once and cached, so a stage selects views by rate); None supervises all."""
 
     @classmethod
     def from_config(cls, objective_cfg, model_cfg, policy: str = "diffusion") -> "Objective":
@@ -203,17 +206,29 @@ class Objective:
     def weights(self, loss_mask: torch.Tensor) -> torch.Tensor | None:
         return sequence_weights(loss_mask, self.loss_weighting)
 
+    def in_band(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Bool [B] of the sequences this objective supervises: all, or those whose realised rate is in ``band``."""
+        if self.band is None:
+            return torch.ones(loss_mask.shape[0], dtype=torch.bool, device=loss_mask.device)
+        rate = loss_mask.float().mean(1)
+        return (rate >= self.band[0] - 1e-6) & (rate <= self.band[1] + 1e-6)
+
     def normalizer(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """This micro-batch's share of the loss denominator (summed over ranks by the data-parallel loop)."""
-        return loss_normalizer(loss_mask, self.weights(loss_mask))
+        weights = self.weights(loss_mask)
+        if self.band is not None:
+            loss_mask = loss_mask & self.in_band(loss_mask).unsqueeze(1)
+        return loss_normalizer(loss_mask, weights)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
              denom: torch.Tensor | float | None = None) -> torch.Tensor:
-        weights = self.weights(loss_mask)
-        if not self.recon_weight:
+        weights = self.weights(loss_mask)  # from the realised rate of every sequence
+        if not self.recon_weight and self.band is None:
             return masked_loss(logits, targets, loss_mask, weights, denom)
-        # recon_weight: unmasked positions (targets = the visible input tokens) count recon_weight each
         if denom is None:
-            denom = loss_normalizer(loss_mask, weights)
+            denom = self.normalizer(loss_mask)
+        # recon_weight: unmasked positions (targets = the visible input tokens) count recon_weight each;
+        # band: sequences outside it count nothing
         scored = loss_mask.float() + self.recon_weight * (~loss_mask).float()
+        scored = scored * self.in_band(loss_mask).float().unsqueeze(1)
         return masked_loss(logits, targets, scored, weights, denom)

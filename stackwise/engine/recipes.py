@@ -20,6 +20,11 @@ The trainer calls these through small marked hooks; each recipe is a ``TrainConf
   stage k-1. Layer k-1's file and cache are rewritten; layer k-2's cache stays until then (two caches live under
   ``engine.cache_keep=last``). Every cached activation is still computed by the final weights, so fusion's check
   holds unchanged.
+- ``objective.stage_mask_schedule`` (``stage_mask_band`` / ``banded_objective``): stage i of n supervises only the
+  cached views whose realised mask rate lies in its band of [mask_fraction_min, mask_fraction_max] cut in n equal
+  bands: ``depth_as_time`` gives stage 0 the heaviest noise and the last stage the lightest (each block tied to
+  its own noise level); ``curriculum`` starts at the lightest band and widens it until the last stage sees every
+  rate. Held-out evaluation always scores the full mix.
 """
 
 from __future__ import annotations
@@ -130,3 +135,26 @@ def cache_overlapped(model, run, layers: list[int], device, cfg, env, cache_outp
     cache_outputs(model, run, ran[1:], device, keep_all, env)
     if cfg.engine.cache_keep == "last" and ran[0] > 0 and env.is_main:
         shutil.rmtree(os.path.dirname(run.acts(ran[0] - 1, "val")), ignore_errors=True)
+
+
+MASK_SCHEDULES = ("none", "depth_as_time", "curriculum")
+
+
+def stage_mask_band(schedule: str, stage: int, n_stages: int, lo: float, hi: float) -> tuple[float, float] | None:
+    """The mask-rate band [a, b] stage ``stage`` of ``n_stages`` supervises, or None (every rate)."""
+    if schedule not in MASK_SCHEDULES:
+        raise ValueError(f"objective.stage_mask_schedule must be one of {list(MASK_SCHEDULES)}, got {schedule!r}")
+    if schedule == "none":
+        return None
+    w = (hi - lo) / n_stages
+    if schedule == "depth_as_time":
+        return (hi - (stage + 1) * w, hi - stage * w)
+    return (lo, lo + (stage + 1) * w)
+
+
+def banded_objective(objective, cfg, stage_index: int):
+    """The stage's objective restricted to its ``objective.stage_mask_schedule`` band (unchanged when none)."""
+    o = cfg.objective
+    n = cfg.model.n_layers // cfg.train.layers_per_stage
+    band = stage_mask_band(o.stage_mask_schedule, stage_index, n, o.mask_fraction_min, o.mask_fraction_max)
+    return objective if band is None else dataclasses.replace(objective, band=band)

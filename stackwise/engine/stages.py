@@ -31,7 +31,8 @@ from .backends import StageModule, create_backend
 from .distributed import DistEnv, barrier, distributed
 from .log import MetricsWriter, logger
 from .loop import train_loop
-from .recipes import cache_overlapped, overlap_layers, overlap_lr_scale, stage_config  # issue 13: depth recipes
+from .recipes import (banded_objective, cache_overlapped, overlap_layers, overlap_lr_scale,  # issue 13: depth
+                      stage_config)
 from .recompute import FrozenPrefix
 from .rundir import RunDir, ensure_views, init_run_dir
 from .stage_io import cache_outputs, evaluate_stage, stage_objective
@@ -234,7 +235,7 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
         return StageResult(layer, 0, float("nan"), vl, va, 0.0, skipped=True)
 
     torch.manual_seed(t.seed + 1000 * layer)
-    objective = stage_objective(cfg)
+    objective = banded_objective(stage_objective(cfg), cfg, stage.index)  # issue-13 hook: per-stage mask-rate band
     lm = stage_model(cfg, run, layers)
     trainable = trainable_params(lm, ran, cfg)
     state_path, interrupted = run.resume_state(stage.name, env.backend), run.has_resume_state(stage.name)

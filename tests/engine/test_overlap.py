@@ -140,3 +140,44 @@ def test_full_masking_allowed(make_cfg):
     assert float(view["rate"].max()) == 1.0 and bool((view["x"][view["rate"] == 1.0] == cfg.model.mask_id).all())
     with pytest.raises(ConfigError, match="objective.mask_fraction_max"):
         make_cfg("objective.mask_fraction_max=1.01")
+
+
+def test_stage_mask_bands(make_cfg):
+    """depth_as_time: stage 0 the heaviest band, the last the lightest; curriculum widens from the lightest band."""
+    from stackwise.engine.recipes import banded_objective, stage_mask_band
+    from stackwise.engine.stage_io import stage_objective
+
+    with pytest.raises(ConfigError, match="objective.stage_mask_schedule"):
+        make_cfg("objective.stage_mask_schedule=bands")
+    assert stage_mask_band("none", 0, 4, 0.1, 0.9) is None
+    got = [stage_mask_band("depth_as_time", i, 4, 0.1, 0.9) for i in range(4)]
+    for (a, b), (wa, wb) in zip(got, [(0.7, 0.9), (0.5, 0.7), (0.3, 0.5), (0.1, 0.3)]):
+        assert a == pytest.approx(wa) and b == pytest.approx(wb)
+    assert stage_mask_band("curriculum", 0, 4, 0.1, 0.9) == pytest.approx((0.1, 0.3))
+    assert stage_mask_band("curriculum", 3, 4, 0.1, 0.9) == pytest.approx((0.1, 0.9))
+    cfg = make_cfg("objective.stage_mask_schedule=depth_as_time")  # 2 layers, 1 per stage
+    assert banded_objective(stage_objective(cfg), cfg, 1).band == pytest.approx((0.15, 0.525))
+    assert banded_objective(stage_objective(make_cfg()), make_cfg(), 1).band is None
+
+
+def test_band_supervises_only_in_band_sequences(make_cfg):
+    """A banded objective's loss and normaliser count exactly the sequences whose realised rate is in the band."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from stackwise.engine.stage_io import stage_objective
+
+    cfg = make_cfg()
+    obj = dataclasses.replace(stage_objective(cfg), band=(0.5, 0.9))
+    m = torch.zeros(3, 10, dtype=torch.bool)
+    m[0, :2] = True  # rate 0.2: out of band
+    m[1, :6] = True  # rate 0.6: in
+    m[2, :9] = True  # rate 0.9: in (edge)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 10, cfg.model.vocab_size, generator=g)
+    targets = torch.randint(0, 90, (3, 10), generator=g)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(3, 10)
+    assert obj.in_band(m).tolist() == [False, True, True]
+    assert float(obj.normalizer(m)) == 15.0
+    torch.testing.assert_close(obj.loss(logits, targets, m), (ce[1, :6].sum() + ce[2, :9].sum()) / 15)

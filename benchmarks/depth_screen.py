@@ -1,13 +1,16 @@
 # SPDX-License-Identifier: MIT
 """Screening of issue-13 depth recipes on one (method, seed) at a time, through quality_bench.run_unit.
 
-Adds recipe methods to quality_bench.METHODS (same views, order, optimizer, schedule and tokens as
-``layerwise``) and prints the unit's JSON row (without the curve). Depth efficiency is computed against
-``e2e1_long`` / ``e2e_long`` rows of the same seed by quality_eval.depth_summary when they are in the rows.
+Runs any quality_bench method (the recipe methods live in quality_bench.METHODS: same views, order, optimizer,
+schedule and total tokens as ``layerwise``) and prints the unit's JSON row (without the curve); ``--jsonl``
+also appends the full row (with FLOPs) to a results file that ``quality_bench.py --report --out DIR`` turns
+into the table, the depth-efficiency summary and the plots, next to ``e2e1_long`` / ``e2e_long`` rows of the
+same seeds.
 
-    OMP_NUM_THREADS=1 python benchmarks/depth_screen.py lw_init_prev 0
+    OMP_NUM_THREADS=1 python benchmarks/depth_screen.py lw_overlap 0 --jsonl /tmp/dq/base4/results.jsonl --no_clm
 """
 
+import argparse
 import json
 import os
 import sys
@@ -15,23 +18,34 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import quality_bench as qb  # noqa: E402
+import quality_eval as qe  # noqa: E402
 
-RECIPES = {
-    "lw_init_prev": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_init_from": "previous"}},
-    "lw_init_mid": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_init_from": "middle"}},
-    # budget split fixed a priori (same 1,600 total steps at the cpu size): early stages get more
-    "lw_split_7333": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_steps": "[700,300,300,300]"}},
-    "lw_split_10222": {"kind": "stages", "layers_per_stage": 1,
-                       "overrides": {"train.stage_steps": "[1000,200,200,200]"}},
-    "lw_split_7333_prev": {"kind": "stages", "layers_per_stage": 1,
-                           "overrides": {"train.stage_steps": "[700,300,300,300]", "train.stage_init_from": "previous"}},
-}
-qb.METHODS.update({k: v for k, v in RECIPES.items() if k not in qb.METHODS})
+
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("method", choices=sorted(qb.METHODS))
+    p.add_argument("seed", type=int)
+    p.add_argument("size", nargs="?", default="cpu", choices=sorted(qb.SIZES))
+    p.add_argument("--runs", default=os.path.join("runs", "depth_screen"), help="run directories root")
+    p.add_argument("--jsonl", default="", help="append the full row (with FLOPs) to this results.jsonl")
+    p.add_argument("--n_layers", type=int, default=0, help="model depth (default: the size's)")
+    p.add_argument("--no_clm", action="store_true", help="skip the CLM fine-tune")
+    a = p.parse_args(argv)
+    spec = dict(size=a.size, method=a.method, seed=a.seed, root=os.path.join(a.runs, a.size), device="cpu",
+                verbose=False, threads=1, n_layers=a.n_layers, no_clm=a.no_clm)
+    row = qb.run_unit(spec)
+    cfg = qb.build_cfg(a.size, a.method, a.seed, "unused", "cpu")
+    n_views = cfg.objective.mask_draws * cfg.data.max_train_sequences
+    row["flops"] = qe.method_flops(cfg, qb.METHODS[a.method], n_views=n_views, device="cpu")
+    row["jobs"] = 1
+    if a.jsonl:
+        with open(a.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    print("JSON " + json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    return row
+
 
 if __name__ == "__main__":
-    method, seed = sys.argv[1], int(sys.argv[2])
-    size = sys.argv[3] if len(sys.argv) > 3 else "cpu"
-    row = qb.run_unit(dict(size=size, method=method, seed=seed, root=os.path.join("runs", "depth_screen", size),
-                           device="cpu", verbose=False, threads=1))
-    row.pop("curve", None)
-    print("JSON " + json.dumps(row), flush=True)
+    main()

@@ -61,8 +61,12 @@ SIZES = {
     "micro": dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, seq_len=32, batch_size=8,
                   steps=6, finetune_steps=4, clm_steps=4, lr=3e-3, eval_seq=16, log_interval=2),
     # a 512-token BPE: at 2048-4096 tokens a d128 model sat on the unigram plateau for all of 300 steps
+    # issue 13: lr 1e-3 with 100 warm-up steps for every method (was 3e-3 / 10), chosen a priori from the training
+    # curves: at 3e-3 the 4-layer end-to-end runs sat on the unigram plateau until the cosine had lowered the lr
+    # to about 1.5e-3 (400-800 steps of 1,600, seed-dependently), which made the depth-efficiency ratio unjudgeable
     "cpu": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, seq_len=128,
-                batch_size=16, steps=400, finetune_steps=100, clm_steps=50, lr=3e-3, eval_seq=256, log_interval=20),
+                batch_size=16, steps=400, finetune_steps=100, clm_steps=50, lr=1e-3, warmup=100, eval_seq=256,
+                log_interval=20),
     "gpu": dict(vocab_size=4096, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, seq_len=128,
                 batch_size=32, steps=1500, finetune_steps=300, clm_steps=300, lr=2e-3, eval_seq=1024,
                 log_interval=25),
@@ -78,8 +82,34 @@ METHODS = {
     "lw_zero_init": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_zero_init": True}},
     "lw_lr_decay": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_lr_decay": 0.7}},
     "lw_frozen_head": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_trains_head": False}},
-    "lw_init_prev": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_init_from": "previous"}},
 }
+
+
+def _lw(**overrides) -> dict:
+    return {"kind": "stages", "layers_per_stage": 1, "overrides": overrides}
+
+
+# every setting fixed a priori (same 1,600 total steps at the cpu size); nothing chosen on the held-out split
+RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one unit at a time)
+    "lw_init_prev": _lw(**{"train.stage_init_from": "previous"}),
+    "lw_init_mid": _lw(**{"train.stage_init_from": "middle"}),
+    "lw_split_7333": _lw(**{"train.stage_steps": "[700,300,300,300]"}),
+    "lw_split_10222": _lw(**{"train.stage_steps": "[1000,200,200,200]"}),
+    "lw_split_7333_prev": _lw(**{"train.stage_steps": "[700,300,300,300]", "train.stage_init_from": "previous"}),
+    # stage k also trains layer k-1 (at 0.5x / 1x the scheduled lr), its input from layer k-2's cache
+    "lw_overlap": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5}),
+    "lw_overlap1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0}),
+    "lw_overlap_split": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,
+                               "train.stage_steps": "[1000,200,200,200]"}),
+    # InfoPro-style local term: also predict the unmasked input tokens, weight 0.1
+    "lw_recon": _lw(**{"objective.recon_weight": 0.1}),
+    # per-stage mask-rate bands of the cached views
+    "lw_depth_time": _lw(**{"objective.stage_mask_schedule": "depth_as_time"}),
+    "lw_curriculum": _lw(**{"objective.stage_mask_schedule": "curriculum"}),
+    # full masking: rates up to 1.0 (the sampler starts from all masks)
+    "lw_full_mask": _lw(**{"objective.mask_fraction_max": 1.0}),
+}
+METHODS.update(RECIPES)
 DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]
 
 
@@ -97,7 +127,7 @@ def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
                   "attention": {"attention_type": "gqa", "backend": "torch" if device == "cpu" else "auto"}},
         "data": {"dummy": False, "corpus": "shakespeare", "seq_len": s["seq_len"], "max_train_sequences": n_seq,
                  "seed": seed},
-        "train": {"lr": s["lr"], "batch_size": s["batch_size"], "warmup_steps": 10,
+        "train": {"lr": s["lr"], "batch_size": s["batch_size"], "warmup_steps": s.get("warmup", 10),
                   "log_interval": s["log_interval"], "finetune_steps": s["finetune_steps"], "eval_sequences": 64,
                   "seed": seed, "out_dir": out_dir, "checkpoint_interval": 0,
                   # e2e_long / e2e1_long: as many steps as all layer-wise stages of the full-depth model
@@ -118,9 +148,19 @@ def _stage_records(run_dir: str, cfg) -> tuple[list, list]:
     K, tok = cfg.train.layers_per_stage, cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     stages = {r["stage"]: r for r in recs if r.get("kind") == "stage"}
     val = [(stages[k]["layers"][-1], stages[k]["val_loss"]) for k in sorted(stages)]
-    curve = [((r["stage"] // K * cfg.train.max_steps + r["step"]) * tok, r["loss"]) for r in recs
-             if r.get("kind") == "train"]
+    n = cfg.model.n_layers // K
+    steps = cfg.train.stage_steps or [cfg.train.max_steps] * n  # train.stage_steps: each stage its own length
+    offset = {i * K: sum(steps[:i]) for i in range(n)}
+    curve = [((offset[r["stage"]] + r["step"]) * tok, r["loss"]) for r in recs if r.get("kind") == "train"]
     return val, curve
+
+
+def set_n_layers(size: str, n_layers: int | None) -> None:
+    """``--n_layers``: the size's depth (e2e_long / e2e1_long then get n_layers x steps); None keeps the size's."""
+    if n_layers:
+        if n_layers < 1:
+            raise ValueError(f"--n_layers must be >= 1, got {n_layers}")
+        SIZES[size] = dict(SIZES[size], n_layers=n_layers)
 
 
 def _train_stages(cfg) -> str:
@@ -145,6 +185,7 @@ def run_unit(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     size, method, seed, root, device = spec["size"], spec["method"], spec["seed"], spec["root"], spec["device"]
+    set_n_layers(size, spec.get("n_layers"))
     m = METHODS[method]
     out_dir = os.path.join(root, f"{method}-s{seed}")
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -179,12 +220,13 @@ def run_unit(spec: dict) -> dict:
         curve = src_curve + [(off + r["step"] * cfg.train.batch_size * cfg.data.seq_len, r["loss"])
                              for r in read_metrics(out_dir) if r.get("kind") == "finetune"]
         row["tokens_per_group"] += cfg.train.finetune_steps * cfg.train.batch_size * cfg.data.seq_len
-        row["tokens_total"] = n_groups * cfg.train.max_steps * tok + cfg.train.finetune_steps * tok
+        row["tokens_total"] = (sum(cfg.train.stage_steps or [cfg.train.max_steps] * n_groups)
+                               + cfg.train.finetune_steps) * tok
         row["source_run"] = src.root
     else:
         final = _train_stages(cfg)
         stage_val, curve = _stage_records(out_dir, cfg)
-        row["tokens_total"] = n_groups * cfg.train.max_steps * tok
+        row["tokens_total"] = sum(cfg.train.stage_steps or [cfg.train.max_steps] * n_groups) * tok
     row["wall_s"], row["cpu_s"] = time.time() - t0, time.process_time() - c0
     if device == "cuda":
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -200,9 +242,10 @@ def run_unit(spec: dict) -> dict:
     ds = build_datasets(cfg)
     row.update(qe.eval_model(model, ds.val, cfg, device, n_seq=SIZES[size]["eval_seq"]))
     del model
-    clm = fine_tune(qe.replace_cfg(cfg, train={"checkpoint": final, "finetune_steps": SIZES[size]["clm_steps"]}),
-                    "clm")
-    row["clm_ppl"] = clm["val_perplexity"]
+    if not spec.get("no_clm"):
+        clm = fine_tune(qe.replace_cfg(cfg, train={"checkpoint": final, "finetune_steps": SIZES[size]["clm_steps"]}),
+                        "clm")
+        row["clm_ppl"] = clm["val_perplexity"]
     row["eval_s"] = time.time() - t0 - row["wall_s"]
     return row
 
@@ -230,9 +273,13 @@ def _parse(argv):
     p.add_argument("--report", action="store_true", help="only rebuild table and plots from results.jsonl")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every unit in this process")
     p.add_argument("--verbose", action="store_true", help="show the engine's log lines")
+    p.add_argument("--n_layers", type=int, default=0, help="model depth (default: the size's; e.g. 8)")
+    p.add_argument("--no_clm", action="store_true", help="skip the CLM fine-tune (faster screening; no CLM ppl)")
     a = p.parse_args(argv)
     if a.seeds < 1:
         p.error(f"--seeds must be >= 1, got {a.seeds}")
+    if a.n_layers < 0:
+        p.error(f"--n_layers must be >= 1 (0 = the size's), got {a.n_layers}")
     return a
 
 
@@ -244,6 +291,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = a.out or os.path.join("benchmarks", "results", "quality", a.size)
     root = a.runs or os.path.join("runs", "quality_bench", a.size)
     os.makedirs(out, exist_ok=True)
+    set_n_layers(a.size, a.n_layers)
     n_layers = SIZES[a.size]["n_layers"]
     methods = [m for m in a.methods if n_layers % METHODS[m].get("layers_per_stage", 1) == 0
                and METHODS[m].get("layers_per_stage", 1) <= n_layers]
@@ -259,7 +307,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     jobs = a.jobs or (min(2, os.cpu_count() or 1) if device == "cpu" and a.isolate else 1)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     specs = [] if a.report else [dict(size=a.size, method=m, seed=s, root=root, device=device, verbose=a.verbose,
-                                      threads=threads) for m in methods for s in range(a.seeds)]
+                                      threads=threads, n_layers=a.n_layers, no_clm=a.no_clm)
+                                 for m in methods for s in range(a.seeds)]
     if not a.report:
         qe.write_jsonl(rows, rows_path)
     # units whose source run (layerwise for layerwise_ft) must exist go in a second wave
@@ -286,6 +335,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     rows.sort(key=lambda r: (list(METHODS).index(r["method"]), r["seed"]))
     for r in rows:
+        if a.report:  # FLOPs from the current planner formula (e.g. rows written by depth_screen.py)
+            cfg = build_cfg(r["size"], r["method"], r["seed"], "unused", device)
+            n_views = cfg.objective.mask_draws * cfg.data.max_train_sequences
+            r["flops"] = qe.method_flops(cfg, METHODS[r["method"]], n_views=n_views, device=device)
         if "planned_peak_mib" not in r:
             cfg = build_cfg(r["size"], r["method"], r["seed"], "unused", device)
             r["planned_peak_mib"] = qe.planned_peak_bytes(cfg, METHODS[r["method"]], device=device) / 2**20

@@ -68,13 +68,17 @@ def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
     else:
         K = method.get("layers_per_stage", 1)
         trains_head = method.get("overrides", {}).get("train.stage_trains_head", True)
+        overlap = 1 if t.stage_overlap else 0  # train.stage_overlap: one more trained (and re-cached) layer
+        steps = t.stage_steps or [t.max_steps] * (m.n_layers // K)
+        unit = t.batch_size * t.grad_accum * cfg.data.seq_len
         total = 0.0
-        for first in range(0, m.n_layers, K):
+        for i, first in enumerate(range(0, m.n_layers, K)):
             th = first == 0 or trains_head
+            extra = overlap if first > 0 else 0
             one = plan_stage(cfg, layer=first, train_head=th, **kw).flops_per_token
-            total += (one + (K - 1) * layer) * tok
+            total += (one + (K - 1 + extra) * layer) * steps[i] * unit
             # the stage's outputs on every train view are cached (forward of its layers)
-            total += K * plan_cache(cfg, layer=first, **kw).flops_per_token * n_views * cfg.data.seq_len
+            total += (K + extra) * plan_cache(cfg, layer=first, **kw).flops_per_token * n_views * cfg.data.seq_len
     if method.get("finetune"):
         total += e2e * t.finetune_steps * t.batch_size * cfg.data.seq_len
     return total
@@ -86,7 +90,7 @@ def planned_peak_bytes(cfg, method: dict, *, device: str) -> float:
     e2e = plan_end_to_end(cfg, keep_frozen_mlp=True, **kw).total
     if method["kind"] == "e2e":
         return e2e
-    K = method.get("layers_per_stage", 1)
+    K = method.get("layers_per_stage", 1) + (1 if cfg.train.stage_overlap else 0)  # overlap: one more layer
     th = method.get("overrides", {}).get("train.stage_trains_head", True)
     # a K-layer stage holds K layers' activations and state; plan_stage models one layer, so scale its layer part
     one = max(plan_stage(cfg, layer=f, train_head=f == 0 or th, **kw).total for f in range(0, cfg.model.n_layers, K))

@@ -40,6 +40,10 @@ class ObjectiveConfig:
     """Fine-tuning objective after fusion: clm (causal next token), mlm (BERT-style) or diffusion."""
     mask_draws: int = 2
     """Masked views per training sequence, drawn once when the activation cache is built and reused by every stage."""
+    recon_weight: float = 0.0
+    """Diffusion loss also scores the unmasked input tokens, each at this weight of a masked token (0 = off)."""
+    stage_mask_schedule: str = "none"
+    """Per-stage mask-rate band of stages: none (off), depth_as_time (early stages high rates) or curriculum."""
 
     def __post_init__(self) -> None:
         _in_range("objective.mask_fraction_min", self.mask_fraction_min, 0.0, 1.0, lo_open=True)
@@ -53,6 +57,8 @@ class ObjectiveConfig:
         _one_of("objective.loss_weighting", self.loss_weighting, ("none", "inv_t"))
         _one_of("objective.fine_tune_mode", self.fine_tune_mode, FINE_TUNE_MODES)
         _in_range("objective.mask_draws", self.mask_draws, 1)
+        _in_range("objective.recon_weight", self.recon_weight, 0.0)
+        _one_of("objective.stage_mask_schedule", self.stage_mask_schedule, ("none", "depth_as_time", "curriculum"))
 
 
 @dataclass(kw_only=True)
@@ -159,6 +165,10 @@ class TrainConfig:
     """Optimizer steps of each stage in order (one entry per stage), e.g. [700, 300, 300, 300] to give early
     stages more of the same total; empty (off) gives every stage train.max_steps. Each stage's lr schedule
     (warm-up + cosine) spans its own steps."""
+    stage_overlap: bool = False
+    """Stage k also trains layer k-1 (input: layer k-2's cache), whose file and cache it rewrites (off)."""
+    overlap_lr_scale: float = 0.5
+    """With stage_overlap, layer k-1's learning rate as a multiple of the stage's scheduled lr."""
     checkpoint_interval: int = 50
     """Steps between resumable stage checkpoints (weights + optimizer + RNG); 0 saves only at the end."""
     resume: bool = False
@@ -195,6 +205,7 @@ class TrainConfig:
         _one_of("train.stage_init_from", self.stage_init_from, ("none", "previous", "middle"))
         for i, n in enumerate(self.stage_steps):
             _in_range(f"train.stage_steps[{i}]", n, 1)
+        _in_range("train.overlap_lr_scale", self.overlap_lr_scale, 0.0, lo_open=True)
         if self.stage_init_from != "none" and self.stage_zero_init:
             raise ConfigError(f"train.stage_init_from={self.stage_init_from!r} and train.stage_zero_init=true both "
                               f"set a new layer's start; choose one")

@@ -10,6 +10,10 @@
 - ``clm``: the target at t is the token at t + 1; the last position is unsupervised.
 
 Masks replace token ids, never embeddings. All randomness comes from the ``generator`` argument.
+
+``recon_weight`` (issue 13, InfoPro-style local term; diffusion only): the loss also scores the prediction of the
+*unmasked* input tokens, each counting ``recon_weight`` times a masked token (same denominator), so a stage's
+features are pushed to keep the visible tokens' identity as well as to predict the masked ones.
 """
 
 from __future__ import annotations
@@ -172,6 +176,10 @@ class Objective:
     mlm_rate: float = 0.15
     loss_weighting: str = "none"
     attention_mode: str = "bidirectional"
+    recon_weight: float = 0.0
+    band: tuple[float, float] | None = None
+    """Issue-13 ``objective.stage_mask_schedule``: only sequences whose realised mask rate lies in [lo, hi] are
+    supervised (views are drawn once and cached, so a stage selects views by rate); None supervises all."""
 
     @classmethod
     def from_config(cls, objective_cfg, model_cfg, policy: str = "diffusion") -> "Objective":
@@ -183,7 +191,8 @@ class Objective:
                    mask_fraction_min=objective_cfg.mask_fraction_min, mask_fraction_max=objective_cfg.mask_fraction_max,
                    mlm_rate=objective_cfg.mlm_rate,
                    loss_weighting=objective_cfg.loss_weighting if policy == "diffusion" else "none",
-                   attention_mode=mode)
+                   attention_mode=mode,
+                   recon_weight=getattr(objective_cfg, "recon_weight", 0.0) if policy == "diffusion" else 0.0)
 
     def mask(self, input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A batch of views: ``x`` (masked ids), ``targets``, ``loss_mask`` and the realised ``rate`` [B]."""
@@ -197,10 +206,29 @@ class Objective:
     def weights(self, loss_mask: torch.Tensor) -> torch.Tensor | None:
         return sequence_weights(loss_mask, self.loss_weighting)
 
+    def in_band(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Bool [B] of the sequences this objective supervises: all, or those whose realised rate is in ``band``."""
+        if self.band is None:
+            return torch.ones(loss_mask.shape[0], dtype=torch.bool, device=loss_mask.device)
+        rate = loss_mask.float().mean(1)
+        return (rate >= self.band[0] - 1e-6) & (rate <= self.band[1] + 1e-6)
+
     def normalizer(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """This micro-batch's share of the loss denominator (summed over ranks by the data-parallel loop)."""
-        return loss_normalizer(loss_mask, self.weights(loss_mask))
+        weights = self.weights(loss_mask)
+        if self.band is not None:
+            loss_mask = loss_mask & self.in_band(loss_mask).unsqueeze(1)
+        return loss_normalizer(loss_mask, weights)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
              denom: torch.Tensor | float | None = None) -> torch.Tensor:
-        return masked_loss(logits, targets, loss_mask, self.weights(loss_mask), denom)
+        weights = self.weights(loss_mask)  # from the realised rate of every sequence
+        if not self.recon_weight and self.band is None:
+            return masked_loss(logits, targets, loss_mask, weights, denom)
+        if denom is None:
+            denom = self.normalizer(loss_mask)
+        # recon_weight: unmasked positions (targets = the visible input tokens) count recon_weight each;
+        # band: sequences outside it count nothing
+        scored = loss_mask.float() + self.recon_weight * (~loss_mask).float()
+        scored = scored * self.in_band(loss_mask).float().unsqueeze(1)
+        return masked_loss(logits, targets, scored, weights, denom)

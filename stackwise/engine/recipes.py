@@ -13,11 +13,25 @@ The trainer calls these through small marked hooks; each recipe is a ``TrainConf
   path is a true copy, the MLP a warm start only.
 - ``train.stage_steps`` (``stage_config``): the split of the token budget across stages at the same total;
   the trainer runs stage i with ``train.max_steps = stage_steps[i]``.
+- ``train.stage_overlap`` (``overlap_layers`` / ``overlap_lr_scale`` / ``load_overlapped`` /
+  ``cache_overlapped``): stage k also trains layer k-1 (at ``train.overlap_lr_scale`` x the scheduled lr), its
+  input read from layer k-2's cache (the masked ids when k-1 = 0, and then the input embeddings train with it),
+  so the features layer k reads can move towards what layer k needs instead of staying what the head read at
+  stage k-1. Layer k-1's file and cache are rewritten; layer k-2's cache stays until then (two caches live under
+  ``engine.cache_keep=last``). Every cached activation is still computed by the final weights, so fusion's check
+  holds unchanged.
+- ``objective.stage_mask_schedule`` (``stage_mask_band`` / ``banded_objective``): stage i of n supervises only the
+  cached views whose realised mask rate lies in its band of [mask_fraction_min, mask_fraction_max] cut in n equal
+  bands: ``depth_as_time`` gives stage 0 the heaviest noise and the last stage the lightest (each block tied to
+  its own noise level); ``curriculum`` starts at the lightest band and widens it until the last stage sees every
+  rate. Held-out evaluation always scores the full mix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import torch
 
@@ -74,3 +88,73 @@ def stage_config(cfg, layer: int):
         return cfg
     n = steps[layer // cfg.train.layers_per_stage]
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=n))
+
+
+def overlap_layers(cfg, layers: list[int]) -> list[int]:
+    """The layers a stage runs and trains: ``layers``, plus layer first-1 under ``train.stage_overlap`` (first > 0)."""
+    layers = list(layers)
+    if not cfg.train.stage_overlap or layers[0] == 0:
+        return layers
+    return [layers[0] - 1] + layers
+
+
+def overlap_lr_scale(cfg, layers: list[int], model) -> dict[str, float]:
+    """{parameter name: train.overlap_lr_scale} for the overlapped (earlier) layer of the stage; empty when off."""
+    run = overlap_layers(cfg, layers)
+    if len(run) == len(layers):
+        return {}
+    pre = f"layers.{run[0]}."
+    names = {n: cfg.train.overlap_lr_scale for n, _ in model.named_parameters() if n.startswith(pre)}
+    if run[0] == 0 and not cfg.model.tie_embeddings:
+        names["tok_embeddings.weight"] = cfg.train.overlap_lr_scale  # the input embeddings belong to layer 0's file
+    return names
+
+
+def load_overlapped(model, cfg, load_layer, layers: list[int]) -> None:
+    """Load the overlapped layer's trained weights (and the input embeddings when it is layer 0) into ``model``."""
+    run = overlap_layers(cfg, layers)
+    if len(run) == len(layers):
+        return
+    k = run[0]
+    tensors = load_layer(k)
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            embed = name == "tok_embeddings.weight" and not cfg.model.tie_embeddings
+            if name.startswith(f"layers.{k}.") or embed:
+                if name not in own:  # a frozen seeded projection is not stored; anything else must fit
+                    raise ValueError(f"train.stage_overlap: {name} of layer {k}'s file has no place in the stage")
+                own[name].copy_(t.to(own[name].dtype))
+
+
+def cache_overlapped(model, run, layers: list[int], device, cfg, env, cache_outputs) -> None:
+    """Rewrite the overlapped layer's cache, then write the stage's own; drop the one before under cache_keep=last."""
+    ran = overlap_layers(cfg, layers)
+    keep_all = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, cache_keep="all"))
+    cache_outputs(model, run, ran[:1], device, keep_all, env)
+    cache_outputs(model, run, ran[1:], device, keep_all, env)
+    if cfg.engine.cache_keep == "last" and ran[0] > 0 and env.is_main:
+        shutil.rmtree(os.path.dirname(run.acts(ran[0] - 1, "val")), ignore_errors=True)
+
+
+MASK_SCHEDULES = ("none", "depth_as_time", "curriculum")
+
+
+def stage_mask_band(schedule: str, stage: int, n_stages: int, lo: float, hi: float) -> tuple[float, float] | None:
+    """The mask-rate band [a, b] stage ``stage`` of ``n_stages`` supervises, or None (every rate)."""
+    if schedule not in MASK_SCHEDULES:
+        raise ValueError(f"objective.stage_mask_schedule must be one of {list(MASK_SCHEDULES)}, got {schedule!r}")
+    if schedule == "none":
+        return None
+    w = (hi - lo) / n_stages
+    if schedule == "depth_as_time":
+        return (hi - (stage + 1) * w, hi - stage * w)
+    return (lo, lo + (stage + 1) * w)
+
+
+def banded_objective(objective, cfg, stage_index: int):
+    """The stage's objective restricted to its ``objective.stage_mask_schedule`` band (unchanged when none)."""
+    o = cfg.objective
+    n = cfg.model.n_layers // cfg.train.layers_per_stage
+    band = stage_mask_band(o.stage_mask_schedule, stage_index, n, o.mask_fraction_min, o.mask_fraction_max)
+    return objective if band is None else dataclasses.replace(objective, band=band)

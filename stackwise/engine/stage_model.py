@@ -14,7 +14,7 @@ import torch
 from ..config import StackWiseConfig
 from ..model import StackWiseLM
 from . import checkpoint as ckpt
-from .recipes import init_new_layers  # issue 13: depth recipes
+from .recipes import init_new_layers, load_overlapped, overlap_layers  # issue 13: depth recipes
 from .rundir import RunDir
 
 HEAD = ("norm.weight", "output.weight")
@@ -68,10 +68,11 @@ def carried(cfg: StackWiseConfig, run: RunDir, layers: list[int]) -> dict[str, t
 def stage_model(cfg: StackWiseConfig, run: RunDir, layers: list[int], *, recipes: bool = True) -> StackWiseLM:
     """The stage's model on the host: fresh seeded layers, the carried head/embeddings, and (``recipes``) the
     starting-weight recipes ``train.stage_zero_init`` / ``train.stage_init_from``."""
-    model = StackWiseLM(cfg.model, layers=layers)
+    model = StackWiseLM(cfg.model, layers=overlap_layers(cfg, layers))  # issue-13 hook: + layer k-1 when overlapping
     carry = carried(cfg, run, layers)
     if carry:
         ckpt.load_into(model, carry, run.layer_ckpt(layers[0] - 1), strict=False)
+    load_overlapped(model, cfg, lambda k: ckpt.load_tensors(run.layer_ckpt(k))[0], layers)  # issue-13 hook
     if layers[0] > 0 and recipes:
         if cfg.train.stage_zero_init:
             # the new layers start as the identity (residual branches off); only trained projections: a frozen

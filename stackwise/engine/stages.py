@@ -31,7 +31,8 @@ from .backends import StageModule, create_backend
 from .distributed import DistEnv, barrier, distributed
 from .log import MetricsWriter, logger
 from .loop import train_loop
-from .recipes import stage_config  # issue 13: depth recipes
+from .recipes import (banded_objective, cache_overlapped, overlap_layers, overlap_lr_scale,  # issue 13: depth
+                      stage_config)
 from .recompute import FrozenPrefix
 from .rundir import RunDir, ensure_views, init_run_dir
 from .stage_io import cache_outputs, evaluate_stage, stage_objective
@@ -218,6 +219,10 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
         _rebuild_missing_cache(cfg, run, layer, env)
     if layer > 0:
         require_acts(run, layer - 1)
+    # issue-13 hook: train.stage_overlap runs (and trains) layer k-1 too, on layer k-2's outputs (ids for k-1 = 0)
+    ran = overlap_layers(cfg, layers)
+    if ran[0] > 0 and ran[0] < layer:
+        require_acts(run, ran[0] - 1)
     done = all(os.path.isfile(run.layer_ckpt(k)) for k in layers) and not run.has_resume_state(stage.name)
     if done:
         model = load_trained(cfg, run, layers).to(device)
@@ -230,12 +235,13 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
         return StageResult(layer, 0, float("nan"), vl, va, 0.0, skipped=True)
 
     torch.manual_seed(t.seed + 1000 * layer)
-    objective = stage_objective(cfg)
+    objective = banded_objective(stage_objective(cfg), cfg, stage.index)  # issue-13 hook: per-stage mask-rate band
     lm = stage_model(cfg, run, layers)
-    trainable = trainable_params(lm, layers, cfg)
+    trainable = trainable_params(lm, ran, cfg)
     state_path, interrupted = run.resume_state(stage.name, env.backend), run.has_resume_state(stage.name)
     backend = create_backend(env.backend, t, cfg.engine, env, state_path)
-    backend.build(StageModule(lm, layers, objective, cfg.engine.activation_checkpointing), trainable)
+    backend.build(StageModule(lm, ran, objective, cfg.engine.activation_checkpointing,
+                              lr_scale=overlap_lr_scale(cfg, layers, lm)), trainable)
     del lm
     n_train, n_total = backend.counts()
     start = backend.load_state() if t.resume else 0
@@ -248,8 +254,8 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     logger.info("stage %d: layers %s on %s | backend %s x %d | %s trainable of %s params | %s tokens/step | %d steps",
                 layer, layers, device, env.backend, env.world_size, f"{n_train:,}", f"{n_total:,}",
                 f"{tokens_per_step:,}", t.max_steps)
-    prefix = FrozenPrefix(cfg, run, layer, device) if stage.inputs == "recompute" else None
-    prev = run.acts(layer - 1, "train") if stage.inputs == "cache" else None
+    prefix = FrozenPrefix(cfg, run, ran[0], device) if stage.inputs == "recompute" and ran[0] > 0 else None
+    prev = run.acts(ran[0] - 1, "train") if stage.inputs == "cache" and ran[0] > 0 else None
     stream = iter(ShardStream(run.views("train"), prev, t.batch_size, seed=t.seed, start_step=start * t.grad_accum,
                               rank=env.rank, world=env.world_size))
 
@@ -267,15 +273,18 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     del backend, prefix
     _release_host_memory()
     if env.is_main:
-        save_layers(run, model, layers, cfg, t.max_steps)
+        save_layers(run, model, ran, cfg, t.max_steps)
     barrier()
-    vl, va = evaluate_stage(model, run, layers, device, cfg, env)
+    vl, va = evaluate_stage(model, run, ran, device, cfg, env)
     logger.info("stage %d done in %.1f s | val masked loss %.4f | val acc %.3f | rss %.0f MiB", layer, result.seconds,
                 vl, va, _rss_mib())
     MetricsWriter(run.root, env.rank).write(
         kind="stage", stage=layer, layers=layers, val_loss=vl, val_acc=va, train_loss=result.last_loss,
         seconds=result.seconds, trainable_params=n_train, backend=env.backend, world_size=env.world_size)
-    cache_outputs(model, run, layers, device, cfg, env)
+    if ran == layers:
+        cache_outputs(model, run, layers, device, cfg, env)
+    else:  # issue-13 hook: train.stage_overlap rewrites layer k-1's cache first
+        cache_overlapped(model, run, layers, device, cfg, env, cache_outputs)
     _remove_state(run, stage, env)
     return StageResult(layer, t.max_steps, result.last_loss, vl, va, result.seconds, history=result.history)
 

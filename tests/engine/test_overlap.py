@@ -1,0 +1,183 @@
+# SPDX-License-Identifier: MIT
+"""train.stage_overlap (issue 13): stage k also trains layer k-1, and every file and cache stays consistent."""
+
+import os
+
+import pytest
+import torch
+
+from stackwise.config import ConfigError
+from stackwise.engine.recipes import overlap_layers, overlap_lr_scale
+
+
+def test_overlap_validates(make_cfg):
+    with pytest.raises(ConfigError, match="train.overlap_lr_scale"):
+        make_cfg("train.stage_overlap=true", "train.overlap_lr_scale=0")
+    cfg = make_cfg()
+    assert cfg.train.stage_overlap is False
+    assert overlap_layers(cfg, [1]) == [1]
+
+
+def test_overlap_layers_and_lr_scale(make_cfg):
+    from stackwise.model import StackWiseLM
+
+    cfg = make_cfg("train.stage_overlap=true", "train.overlap_lr_scale=0.25", "model.n_layers=3")
+    assert overlap_layers(cfg, [0]) == [0]
+    assert overlap_layers(cfg, [2]) == [1, 2]
+    model = StackWiseLM(cfg.model, layers=[1, 2])
+    scale = overlap_lr_scale(cfg, [2], model)
+    assert scale and all(n.startswith("layers.1.") for n in scale) and set(scale.values()) == {0.25}
+    assert overlap_lr_scale(cfg, [0], model) == {}
+
+
+def test_overlap_optimizer_groups(make_cfg):
+    """The backend's optimizer runs layer k-1 at overlap_lr_scale x the scheduled lr, layer k and the head at 1x."""
+    from stackwise.engine.backends import param_groups
+
+    cfg = make_cfg("train.stage_overlap=true", "train.overlap_lr_scale=0.25")
+    from stackwise.model import StackWiseLM
+
+    model = StackWiseLM(cfg.model, layers=[0, 1])
+    trainable = dict(model.named_parameters())
+    groups = param_groups(trainable, 0.1, overlap_lr_scale(cfg, [1], model))
+    ids = {id(p): n for n, p in trainable.items()}
+    for g in groups:
+        names = [ids[id(p)] for p in g["params"]]
+        if not names:
+            continue
+        want = 0.25 if names[0].startswith("layers.0.") else 1.0
+        assert g.get("lr_scale", 1.0) == want and all(n.startswith("layers.0.") == (want == 0.25) for n in names)
+
+
+@torch.no_grad()
+def _layer_out(cfg, run, upto, ids):
+    from stackwise.engine import checkpoint as ckpt
+    from stackwise.model import StackWiseLM
+
+    model = StackWiseLM(cfg.model, layers=list(range(upto + 1)))
+    for k in range(upto + 1):
+        ckpt.load_into(model, ckpt.load_tensors(run.layer_ckpt(k))[0], run.layer_ckpt(k), strict=False)
+    return model.run_layers(model.embed(ids), 0, upto + 1, "bidirectional")
+
+
+def test_overlap_retrains_previous_layer_and_fuses(make_cfg, tmp_path):
+    """Stage 2 changes layer 1's file and rewrites its cache with the new weights; layer 0 (not in stage 2) is
+    untouched; cache_keep=last keeps the two newest caches; fusion's exact check passes."""
+    from stackwise.data.activations import ShardStream
+    from stackwise.engine import checkpoint as ckpt
+    from stackwise.engine import fuse, train_stage
+    from stackwise.engine.rundir import RunDir
+
+    cfg = make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=3", "train.stage_overlap=true",
+                   "model.n_layers=3", "engine.device=cpu", "engine.cache_keep=last", "train.checkpoint_interval=0")
+    run = RunDir(cfg)
+    train_stage(cfg, 0)
+    train_stage(cfg, 1)
+    before = {k: ckpt.load_tensors(run.layer_ckpt(k))[0] for k in (0, 1)}
+    train_stage(cfg, 2)
+    after = {k: ckpt.load_tensors(run.layer_ckpt(k))[0] for k in (0, 1)}
+    changed = [n for n in after[1] if n.startswith("layers.1.") and not torch.equal(after[1][n], before[1][n])]
+    assert changed and any("attn" in n for n in changed)
+    assert all(torch.equal(after[0][n], before[0][n]) for n in before[0])
+    assert "output.weight" in ckpt.load_tensors(run.layer_ckpt(2))[0]
+    assert not os.path.isdir(os.path.dirname(run.acts(0, "val")))  # the cache before the overlap is dropped
+    assert run.has_acts(1) and run.has_acts(2)
+    views = next(iter(ShardStream(run.views("val"), run.acts(1, "val"), 4, shuffle=False)))
+    ids = next(iter(ShardStream(run.views("val"), None, 4, shuffle=False)))["x"]
+    torch.testing.assert_close(views["x"], _layer_out(cfg, run, 1, ids), rtol=1e-5, atol=1e-5)
+    fuse(cfg)  # raises FusionError unless the fused model reproduces the cached outputs of layer 2
+
+
+def test_overlap_stage1_trains_layer0_from_ids(make_cfg, tmp_path):
+    """At stage 1 the overlapped layer is layer 0: its input is the masked ids, and its file/cache are rewritten."""
+    from stackwise.engine import checkpoint as ckpt
+    from stackwise.engine import fuse, train_stage
+    from stackwise.engine.rundir import RunDir
+
+    cfg = make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=3", "train.stage_overlap=true",
+                   "engine.device=cpu", "train.checkpoint_interval=0", "model.tie_embeddings=false")
+    run = RunDir(cfg)
+    train_stage(cfg, 0)
+    before = ckpt.load_tensors(run.layer_ckpt(0))[0]
+    train_stage(cfg, 1)
+    after = ckpt.load_tensors(run.layer_ckpt(0))[0]
+    assert not torch.equal(after["layers.0.attn.q_proj.weight"], before["layers.0.attn.q_proj.weight"])
+    assert not torch.equal(after["tok_embeddings.weight"], before["tok_embeddings.weight"])
+    fuse(cfg)
+
+
+def test_recon_weight_scores_unmasked_tokens(make_cfg):
+    """objective.recon_weight=w: loss = (sum of masked CE + w * sum of unmasked CE) / number of masked tokens."""
+    import torch.nn.functional as F
+
+    from stackwise.objective import Objective
+
+    with pytest.raises(ConfigError, match="objective.recon_weight"):
+        make_cfg("objective.recon_weight=-0.1")
+    cfg = make_cfg("objective.recon_weight=0.25")
+    obj = Objective.from_config(cfg.objective, cfg.model)
+    assert obj.recon_weight == 0.25
+    assert Objective.from_config(cfg.objective, cfg.model, "clm").recon_weight == 0.0
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 90, (3, 16), generator=g)
+    view = obj.mask(ids, g)
+    logits = torch.randn(3, 16, cfg.model.vocab_size, generator=g)
+    ce = F.cross_entropy(logits.flatten(0, 1), view["targets"].flatten(), reduction="none").view(3, 16)
+    m = view["loss_mask"]
+    want = (ce[m].sum() + 0.25 * ce[~m].sum()) / m.sum()
+    torch.testing.assert_close(obj.loss(logits, view["targets"], m), want)
+    plain = Objective.from_config(make_cfg().objective, cfg.model)
+    torch.testing.assert_close(plain.loss(logits, view["targets"], m), ce[m].sum() / m.sum())
+
+
+def test_full_masking_allowed(make_cfg):
+    """objective.mask_fraction_max=1.0 is valid and the diffusion objective then draws fully masked sequences."""
+    from stackwise.objective import Objective
+
+    cfg = make_cfg("objective.mask_fraction_min=0.95", "objective.mask_fraction_max=1.0")
+    obj = Objective.from_config(cfg.objective, cfg.model)
+    view = obj.mask(torch.zeros(64, 40, dtype=torch.long), torch.Generator().manual_seed(1))
+    assert float(view["rate"].max()) == 1.0 and bool((view["x"][view["rate"] == 1.0] == cfg.model.mask_id).all())
+    with pytest.raises(ConfigError, match="objective.mask_fraction_max"):
+        make_cfg("objective.mask_fraction_max=1.01")
+
+
+def test_stage_mask_bands(make_cfg):
+    """depth_as_time: stage 0 the heaviest band, the last the lightest; curriculum widens from the lightest band."""
+    from stackwise.engine.recipes import banded_objective, stage_mask_band
+    from stackwise.engine.stage_io import stage_objective
+
+    with pytest.raises(ConfigError, match="objective.stage_mask_schedule"):
+        make_cfg("objective.stage_mask_schedule=bands")
+    assert stage_mask_band("none", 0, 4, 0.1, 0.9) is None
+    got = [stage_mask_band("depth_as_time", i, 4, 0.1, 0.9) for i in range(4)]
+    for (a, b), (wa, wb) in zip(got, [(0.7, 0.9), (0.5, 0.7), (0.3, 0.5), (0.1, 0.3)]):
+        assert a == pytest.approx(wa) and b == pytest.approx(wb)
+    assert stage_mask_band("curriculum", 0, 4, 0.1, 0.9) == pytest.approx((0.1, 0.3))
+    assert stage_mask_band("curriculum", 3, 4, 0.1, 0.9) == pytest.approx((0.1, 0.9))
+    cfg = make_cfg("objective.stage_mask_schedule=depth_as_time")  # 2 layers, 1 per stage
+    assert banded_objective(stage_objective(cfg), cfg, 1).band == pytest.approx((0.15, 0.525))
+    assert banded_objective(stage_objective(make_cfg()), make_cfg(), 1).band is None
+
+
+def test_band_supervises_only_in_band_sequences(make_cfg):
+    """A banded objective's loss and normaliser count exactly the sequences whose realised rate is in the band."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from stackwise.engine.stage_io import stage_objective
+
+    cfg = make_cfg()
+    obj = dataclasses.replace(stage_objective(cfg), band=(0.5, 0.9))
+    m = torch.zeros(3, 10, dtype=torch.bool)
+    m[0, :2] = True  # rate 0.2: out of band
+    m[1, :6] = True  # rate 0.6: in
+    m[2, :9] = True  # rate 0.9: in (edge)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 10, cfg.model.vocab_size, generator=g)
+    targets = torch.randint(0, 90, (3, 10), generator=g)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(3, 10)
+    assert obj.in_band(m).tolist() == [False, True, True]
+    assert float(obj.normalizer(m)) == 15.0
+    torch.testing.assert_close(obj.loss(logits, targets, m), (ce[1, :6].sum() + ce[2, :9].sum()) / 15)

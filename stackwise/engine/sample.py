@@ -28,11 +28,13 @@ def pick_checkpoint(cfg: StackWiseConfig, mode: str) -> str:
 def sample_text(cfg: StackWiseConfig, prompt: str, *, mode: str = "clm", max_new_tokens: int = 64,
                 temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95, steps: int | None = None,
                 seed: int = 0, checkpoint: str | None = None, diffusion_temperature: float = 0.0,
-                block_len: int | None = None) -> tuple[str, str]:
+                block_len: int | None = None, remasking: str = "low_confidence") -> tuple[str, str]:
     """Generate a continuation of ``prompt``; returns (checkpoint used, decoded text incl. the prompt).
 
     ``mode="clm"`` samples left to right with a KV cache; "diffusion"/"mlm" unmask all new positions over
-    ``steps`` iterations (default max_new_tokens) with low-confidence remasking, committing the argmax
+    ``steps`` iterations (default max_new_tokens) with ``remasking`` ("low_confidence": the most confident
+    predictions first; "random": positions in random order, the masked-diffusion model's own ancestral
+    sampler), committing the argmax
     (``diffusion_temperature=0``) or a sample at that temperature, over one window or left-to-right blocks of
     ``block_len`` tokens.
     """
@@ -67,7 +69,7 @@ def sample_text(cfg: StackWiseConfig, prompt: str, *, mode: str = "clm", max_new
                            generator=g)
     else:
         out = generate_diffusion(model, prompt_ids, max_new_tokens, steps=steps, temperature=diffusion_temperature,
-                                 generator=g, block_len=block_len)
+                                 generator=g, block_len=block_len, remasking=remasking)
     ids_out = out[0].tolist()
     text = tok.decode(ids_out) if tok is not None else " ".join(map(str, ids_out))
     return path, text

@@ -107,3 +107,32 @@ def plot_run(run_dir: str) -> list[str]:
         plt.close(fig)
         out.append(path)
     return out
+
+
+def demo_table(run_dir: str, ref: dict, *, clm_loss: float | None = None, elbo: float | None = None) -> str:
+    """The demo's table: the unigram baseline, each stage's held-out masked loss, the fused model's diffusion ELBO
+    and the CLM fine-tune, in nats per token and in bits per byte (``ref`` from
+    :func:`stackwise.engine.baselines.heldout_reference`)."""
+    from .baselines import bits_per_byte
+
+    bpt, uni = ref["bytes_per_token"], ref["unigram_loss"]
+
+    def cells(loss: float) -> str:
+        return f"{loss:.4f} | {bits_per_byte(loss, bpt):.3f} | {loss - uni:+.3f}"
+
+    rows = ["| model | layers | train loss | held-out loss (nats/token) | bits/byte | vs unigram | acc | gain | s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| unigram of the training split (no context) | | | {cells(uni)} | | | |"]
+    stages = {r["stage"]: r for r in read_metrics(run_dir) if r.get("kind") == "stage"}
+    prev = None
+    for k in sorted(stages):
+        r = stages[k]
+        gain = "" if prev is None else f"{prev - r['val_loss']:+.4f}"
+        rows.append(f"| stage {k}: masked tokens | {','.join(map(str, r['layers']))} | {r['train_loss']:.4f} | "
+                    f"{cells(r['val_loss'])} | {r['val_acc']:.3f} | {gain} | {r['seconds']:.1f} |")
+        prev = r["val_loss"]
+    if elbo is not None:
+        rows.append(f"| fused: diffusion ELBO (bound on -log p) | all | | {cells(elbo)} | | | |")
+    if clm_loss is not None:
+        rows.append(f"| CLM fine-tune: next token | all | | {cells(clm_loss)} | | | |")
+    return "\n".join(rows)

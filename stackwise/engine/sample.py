@@ -34,12 +34,16 @@ def sample_text(cfg: StackWiseConfig, prompt: str, **kwargs) -> tuple[str, str]:
 
 def sample_texts(cfg: StackWiseConfig, prompts: list[str], *, mode: str = "clm", max_new_tokens: int = 64,
                  temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95, steps: int | None = None,
-                 seed: int = 0, checkpoint: str | None = None) -> tuple[str, list[str]]:
+                 seed: int = 0, checkpoint: str | None = None, diffusion_temperature: float = 0.0,
+                 block_len: int | None = None, remasking: str = "low_confidence") -> tuple[str, list[str]]:
     """Continue every prompt in one batch (any lengths); returns (checkpoint used, decoded texts incl. prompts).
 
     ``mode="clm"`` samples left to right with a KV cache; "diffusion"/"mlm" unmask all new positions over
-    ``steps`` iterations (default max_new_tokens) with low-confidence remasking. Every prompt draws from its
-    own generator seeded with ``seed``, so its text is the one a one-prompt call with that seed gives.
+    ``steps`` iterations (default max_new_tokens) with ``remasking`` ("low_confidence": the most confident
+    predictions first; "random": positions in random order, the masked-diffusion model's own ancestral
+    sampler), committing the argmax (``diffusion_temperature=0``) or a sample at that temperature, over one
+    window or left-to-right blocks of ``block_len`` tokens. Every prompt draws from its own generator seeded
+    with ``seed``, so its text is the one a one-prompt call with that seed gives.
     """
     from ..data.text import load_tokenizer
 
@@ -67,6 +71,7 @@ def sample_texts(cfg: StackWiseConfig, prompts: list[str], *, mode: str = "clm",
         out = generate_clm(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            generator=g)
     else:
-        out = generate_diffusion(model, prompt_ids, max_new_tokens, steps=steps, temperature=0.0, generator=g)
+        out = generate_diffusion(model, prompt_ids, max_new_tokens, steps=steps, temperature=diffusion_temperature,
+                                 generator=g, block_len=block_len, remasking=remasking)
     texts = [tok.decode(r.tolist()) if tok is not None else " ".join(map(str, r.tolist())) for r in out]
     return path, texts

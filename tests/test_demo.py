@@ -1,0 +1,85 @@
+# SPDX-License-Identifier: MIT
+"""`make demo`'s reference figures (unigram baseline, bytes per token, bits per byte) and its final JSON line."""
+
+import json
+import math
+import os
+import runpy
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from stackwise.engine.baselines import bits_per_byte, bytes_per_token, unigram_cross_entropy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_unigram_loss_is_the_hand_computed_entropy():
+    # counts 4, 2, 1, 1 of 8: H = 0.5 ln 2 + 0.25 ln 4 + 2 * 0.125 ln 8 = 1.75 ln 2 nats
+    ids = [0, 0, 0, 0, 1, 1, 2, 3]
+    assert unigram_cross_entropy(ids, ids, 4, alpha=0.0) == pytest.approx(1.75 * math.log(2), rel=1e-12)
+    # held-out tokens drawn differently: the cross-entropy -mean(log p_train(eval)), by hand
+    assert unigram_cross_entropy(ids, [3, 3], 4, alpha=0.0) == pytest.approx(math.log(8), rel=1e-12)
+
+
+def test_unigram_smoothing_and_excluded_mask_id():
+    # add-one over the 4 ids that are not the mask id (5): p(4) = (0 + 1) / (8 + 4), never seen in training
+    ids = [0, 0, 0, 0, 1, 1, 2, 3]
+    assert unigram_cross_entropy(ids, [4], 6, alpha=1.0, exclude=(5,)) == pytest.approx(math.log(13), rel=1e-12)
+    assert unigram_cross_entropy(ids, [0], 6, alpha=1.0, exclude=(5,)) == pytest.approx(math.log(13 / 5), rel=1e-12)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        unigram_cross_entropy(ids, [4], 6, alpha=0.0)
+    with pytest.raises(ValueError, match=r"vocab_size=4"):
+        unigram_cross_entropy(ids, [7], 4)
+
+
+class _Bytes:
+    """A tokenizer whose ids are UTF-8 strings."""
+
+    table = {0: "a", 1: "bc", 2: "é", 3: "\n"}
+
+    def decode(self, ids):
+        return "".join(self.table[i] for i in ids)
+
+
+def test_bytes_per_token_and_bits_per_byte():
+    # "a" 1 byte, "bc" 2, "é" 2 (UTF-8), "\n" 1: 6 bytes in 4 tokens
+    assert bytes_per_token(_Bytes(), np.array([0, 1, 2, 3])) == pytest.approx(1.5)
+    # ln 2 nats per token at 1 byte per token is one bit per byte; 2 bytes per token halves it
+    assert bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)
+    assert bits_per_byte(math.log(2) * 3, 2.0) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="bytes per token"):
+        bits_per_byte(1.0, 0.0)
+
+
+def test_demo_json_line_on_a_tiny_config(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tokenizers")
+    text = tmp_path / "corpus.txt"
+    lines = ["KING HENRY:", "Once more unto the breach, dear friends, once more;", "ROMEO:",
+             "But soft, what light through yonder window breaks?", "It is the east, and Juliet is the sun."]
+    text.write_text("\n".join(lines * 40) + "\n")
+    # a config of its own (not configs/small.yaml, whose demo settings would not fit a 2-layer model)
+    cfg = {"model": {"vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64,
+                     "max_seq_len": 128, "attention": {"attention_type": "gqa", "backend": "torch"}},
+           "data": {"dummy": False, "text_files": [str(text)], "data_dir": str(tmp_path / "data"), "seq_len": 16,
+                    "max_train_sequences": 32},
+           "train": {"out_dir": str(tmp_path / "run"), "max_steps": 3, "finetune_steps": 2, "batch_size": 4,
+                     "eval_sequences": 4, "log_interval": 1}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["demo.py", "--config", str(tmp_path / "tiny.yaml")]
+    monkeypatch.setattr(sys, "argv", args)
+    runpy.run_path(os.path.join(ROOT, "launchers", "demo.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("JSON ")
+    summary = json.loads(last[len("JSON "):])
+    for key in ("unigram_loss", "final_masked_loss", "clm_bits_per_byte", "diffusion_elbo", "demo_seconds",
+                "cpu_seconds", "bytes_per_token"):
+        assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
+    # the conversion the table and the JSON use, on the measured bytes per token
+    bpb = summary["val_loss"] / math.log(2) / summary["bytes_per_token"]
+    assert summary["clm_bits_per_byte"] == pytest.approx(bpb, abs=1e-3)
+    assert summary["unigram_loss"] > 0 and summary["bytes_per_token"] > 1
+    assert "| unigram of the training split" in out and "--- diffusion sample" in out and "--- clm sample" in out

@@ -5,6 +5,10 @@
 tests/gpu`` (what ``benchmarks/gpu_check.sh`` runs, with ``TRITON_INTERPRET=0``) does. The Triton kernels must
 run compiled, not in the interpreter: tests/kernels/conftest.py sets ``TRITON_INTERPRET=1`` when it is collected
 in the same session, so a run that includes tests/kernels skips here instead of timing the interpreter.
+
+Without CUDA every test here skips, but pytest still imports these modules while collecting, before
+tests/kernels/conftest.py: Triton fixes a kernel's mode when its module is imported, so on such a machine this
+file sets ``TRITON_INTERPRET=1`` first, as tests/kernels/conftest.py would (a CUDA machine is left alone).
 """
 
 import importlib.util
@@ -12,8 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def _register_test_utils() -> None:

@@ -24,7 +24,7 @@ from .backends import StageModule, create_backend
 from .distributed import barrier, distributed
 from .log import MetricsWriter, logger
 from .loop import train_loop
-from .rundir import ensure_views, init_run_dir
+from .rundir import open_run
 from .stage_io import evaluate_stage, stage_objective
 from .stage_model import all_trainable
 
@@ -46,11 +46,7 @@ def train_end_to_end(cfg: StackWiseConfig, *, name: str = "end_to_end") -> dict:
         FloatingPointError: the loss became NaN/inf (lower ``train.lr``).
     """
     with distributed(cfg) as env:
-        run = init_run_dir(cfg, env.rank) if env.is_main else None
-        if env.is_main:
-            ensure_views(cfg, run)
-        barrier()
-        run = run or init_run_dir(cfg, env.rank)
+        run = open_run(cfg, env, views=True)
         t, layers = cfg.train, list(range(cfg.model.n_layers))
         torch.manual_seed(t.seed)
         model = StackWiseLM(cfg.model)

@@ -21,7 +21,7 @@ import yaml
 
 from ..config import ConfigError, StackWiseConfig, config_from_dict, save_config
 from ..data.activations import ActivationCacheError, build_views
-from .distributed import pick_device  # noqa: F401  (re-exported: the single-process entry points use it)
+from .distributed import barrier, pick_device  # noqa: F401  (re-exported: the single-process entry points use it)
 from ..objective import Objective
 from .log import logger, progress_bar
 
@@ -127,6 +127,16 @@ def init_run_dir(cfg: StackWiseConfig, rank: int = 0) -> RunDir:
         _remove_stale_temps(run.root)
         save_config(cfg, path)
     return run
+
+
+def open_run(cfg: StackWiseConfig, env, *, views: bool) -> RunDir:
+    """The run directory on every rank: rank 0 creates it (config.yaml and, with ``views``, the masked views)
+    first; the others open it after a barrier."""
+    run = init_run_dir(cfg, env.rank) if env.is_main else None
+    if env.is_main and views:
+        ensure_views(cfg, run)
+    barrier()
+    return run or init_run_dir(cfg, env.rank)
 
 
 def _remove_stale_temps(root: str) -> None:

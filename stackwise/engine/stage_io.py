@@ -21,20 +21,9 @@ from ..objective import Objective, masked_accuracy, masked_loss
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier
 from .log import logger, progress_bar
 from .rundir import RunDir
-from .stage_module import run_stage_layers
+from .stage_module import StageModule
 
 _ONE = DistEnv()
-
-
-def stage_forward(model, batch, layers, device, cfg):
-    """(h [B, T, C], logits [B, T, V], per-sequence loss weights [B] or None) of the stage on ``batch``."""
-    objective = stage_objective(cfg)
-    x = batch["x"].to(device)
-    h = model.embed(x) if layers[0] == 0 else x
-    h = run_stage_layers(model, h, layers, objective.attention_mode, cfg.engine.activation_checkpointing
-                         and torch.is_grad_enabled())
-    logits = model.head(h)
-    return h, logits, objective.weights(batch["loss_mask"].to(device))
 
 
 def stage_objective(cfg: StackWiseConfig) -> Objective:
@@ -50,9 +39,10 @@ def evaluate_stage(model, run: RunDir, layers, device, cfg: StackWiseConfig, env
     prev = run.acts(layers[0] - 1, "val") if layers[0] > 0 else None
     stream = ShardStream(run.views("val"), prev, cfg.train.batch_size, shuffle=False)
     sums = torch.zeros(3, dtype=torch.float64)
+    unit = StageModule(model, layers, stage_objective(cfg))
     for _, batch in stream.shard_batches(list(range(env.rank, stream.n_shards, env.world_size)),
                                          cfg.train.batch_size):
-        _, logits, _ = stage_forward(model, batch, layers, device, cfg)
+        logits = unit.logits(batch["x"].to(device))
         lm = batch["loss_mask"].to(device)
         k = float(lm.sum())
         sums[0] += float(masked_loss(logits, batch["targets"].to(device), lm)) * k

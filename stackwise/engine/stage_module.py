@@ -54,6 +54,10 @@ class StageModule(nn.Module):
         ckpt = self.checkpointing and torch.is_grad_enabled()
         return run_stage_layers(self.lm, h, self.layers, self.objective.attention_mode, ckpt)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (ids [B, T] or h [B, T, C]) -> logits [B, T, V] after the unit's layers and the head."""
+        return self.lm.head(self.hidden(x))
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
                 denom: torch.Tensor | float | None = None) -> torch.Tensor:
-        return self.objective.loss(self.lm.head(self.hidden(x)), targets, loss_mask, denom)
+        return self.objective.loss(self.logits(x), targets, loss_mask, denom)

@@ -2,7 +2,7 @@
 """One layer-wise stage per process: the child entry point and the parent that starts one child per stage.
 
 ``python -m stackwise.engine.stage_process [--config FILE] [--layer K] ...`` trains one stage (without --layer, the
-run's next untrained stage); ``launchers/train_layer.py`` is this entry point.
+run's next untrained stage); the train_layer launcher calls :func:`main` and nothing else.
 
 DeepSpeed does not give all memory back when an engine is destroyed (measured here: ~23 MiB of RSS per stage
 even after ``destroy``, ``gc`` and ``malloc_trim``), and ZeRO-3 fixes its parameter groups at initialize. So

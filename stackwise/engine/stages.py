@@ -34,7 +34,7 @@ from .loop import train_loop
 from .recipes import (banded_objective, cache_overlapped, overlap_layers, overlap_lr_scale,  # issue 13: depth
                       stage_config)
 from .recompute import FrozenPrefix
-from .rundir import RunDir, ensure_views, init_run_dir
+from .rundir import RunDir, open_run
 from .stage_io import cache_outputs, evaluate_stage, stage_objective
 from .stage_model import load_trained, save_layers, stage_model, trainable_params
 
@@ -181,15 +181,6 @@ def _rebuild_missing_cache(cfg: StackWiseConfig, run: RunDir, layer: int, env: D
     logger.info("rebuilt layer %d's cache in %.1f s", layer - 1, time.time() - t0)
 
 
-def _open_run(cfg: StackWiseConfig, env: DistEnv, layer: int) -> RunDir:
-    # rank 0 writes config.yaml and the views first; the others read them after a barrier
-    run = init_run_dir(cfg, env.rank) if env.is_main else None
-    if env.is_main and layer == 0:
-        ensure_views(cfg, run)
-    barrier()
-    return run or init_run_dir(cfg, env.rank)
-
-
 def train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv | None = None) -> StageResult:
     """Train the stage that starts at ``layer`` on any backend. See the module docstring.
 
@@ -212,7 +203,7 @@ def train_all(cfg: StackWiseConfig) -> list[StageResult]:
 
 def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     stage = plan_stage(cfg, layer)
-    run = _open_run(cfg, env, layer)
+    run = open_run(cfg, env, views=layer == 0)
     cfg = stage_config(cfg, layer)  # issue-13 hook: train.stage_steps gives this stage its own max_steps
     layers, device, t = list(stage.layers), env.device, cfg.train
     if stage.inputs == "cache":

@@ -70,11 +70,11 @@ def test_layerwise_training_honours_causal_attention_mode(tmp_path):
     changed = ids.clone()
     changed[0, 10:] = (changed[0, 10:] + 1) % 60
     # the stage's own forward (what it trained and cached with) must not see the future in causal mode
-    from stackwise.engine.stage_io import stage_forward
+    from stackwise.engine.stage_io import stage_objective
+    from stackwise.engine.stage_module import StageModule
 
-    batch = {"x": ids, "loss_mask": torch.ones(1, 16, dtype=torch.bool)}
-    _, la, _ = stage_forward(model, batch, [0], torch.device("cpu"), cfg)
-    _, lb, _ = stage_forward(model, dict(batch, x=changed), [0], torch.device("cpu"), cfg)
+    unit = StageModule(model, [0], stage_objective(cfg))
+    la, lb = unit.logits(ids), unit.logits(changed)
     torch.testing.assert_close(la[:, :10], lb[:, :10])
     assert not torch.allclose(la[:, 10:], lb[:, 10:])
 

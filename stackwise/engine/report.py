@@ -36,20 +36,22 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 def stage_table(run_dir: str) -> str:
     """Per-stage held-out masked loss / accuracy and the gain each stage adds (latest record per stage)."""
-    stages = {}
-    for r in read_metrics(run_dir):
-        if r.get("kind") == "stage":
-            stages[r["stage"]] = r
     rows = ["| stage | layers | train loss | val masked loss | val acc | gain vs previous | seconds |",
             "|---:|---|---:|---:|---:|---:|---:|"]
+    for k, r, gain in _stage_records(run_dir):
+        rows.append(f"| {k} | {','.join(map(str, r['layers']))} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | "
+                    f"{r['val_acc']:.3f} | {gain} | {r['seconds']:.1f} |")
+    return "\n".join(rows)
+
+
+def _stage_records(run_dir: str):
+    """(stage, its latest metrics record, the gain over the previous stage as text) in stage order."""
+    stages = {r["stage"]: r for r in read_metrics(run_dir) if r.get("kind") == "stage"}
     prev = None
     for k in sorted(stages):
         r = stages[k]
-        gain = "" if prev is None else f"{prev - r['val_loss']:+.4f}"
-        rows.append(f"| {k} | {','.join(map(str, r['layers']))} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | "
-                    f"{r['val_acc']:.3f} | {gain} | {r['seconds']:.1f} |")
+        yield k, r, "" if prev is None else f"{prev - r['val_loss']:+.4f}"
         prev = r["val_loss"]
-    return "\n".join(rows)
 
 
 def plot_run(run_dir: str) -> list[str]:
@@ -123,14 +125,9 @@ def demo_table(run_dir: str, ref: dict, *, clm_loss: float | None = None, elbo: 
     rows = ["| model | layers | train loss | held-out loss (nats/token) | bits/byte | vs unigram | acc | gain | s |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
             f"| unigram of the training split (no context) | | | {cells(uni)} | | | |"]
-    stages = {r["stage"]: r for r in read_metrics(run_dir) if r.get("kind") == "stage"}
-    prev = None
-    for k in sorted(stages):
-        r = stages[k]
-        gain = "" if prev is None else f"{prev - r['val_loss']:+.4f}"
+    for k, r, gain in _stage_records(run_dir):
         rows.append(f"| stage {k}: masked tokens | {','.join(map(str, r['layers']))} | {r['train_loss']:.4f} | "
                     f"{cells(r['val_loss'])} | {r['val_acc']:.3f} | {gain} | {r['seconds']:.1f} |")
-        prev = r["val_loss"]
     if elbo is not None:
         rows.append(f"| fused: diffusion ELBO (bound on -log p) | all | | {cells(elbo)} | | | |")
     if clm_loss is not None:

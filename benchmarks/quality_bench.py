@@ -67,6 +67,14 @@ SIZES = {
     "cpu": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, seq_len=128,
                 batch_size=16, steps=400, finetune_steps=100, clm_steps=50, lr=1e-3, warmup=100, eval_seq=256,
                 log_interval=20),
+    # issue 13, depth efficiency: the cpu model at a fixed total of 1,600 steps (3,276,800 tokens) for every depth
+    # and method, on 12,800 distinct sequences (25,600 views = one pass of the longest run): no run repeats a view,
+    # stages read consecutive slices of the one batch order (train.stage_data=continue), so every method reads the
+    # same batches in the same order as e2e_long. (At "cpu" e2e_long read the 6,400 views four times and the
+    # 4-layer/1-layer gap was 0.025-0.066 nats, too small to judge.)
+    "depth": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, seq_len=128,
+                  batch_size=16, total_steps=1600, fresh_data=True, finetune_steps=100, clm_steps=50, lr=1e-3,
+                  warmup=100, eval_seq=256, log_interval=20),
     "gpu": dict(vocab_size=4096, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, seq_len=128,
                 batch_size=32, steps=1500, finetune_steps=300, clm_steps=300, lr=2e-3, eval_seq=1024,
                 log_interval=25),
@@ -85,22 +93,24 @@ METHODS = {
 }
 
 
-def _lw(**overrides) -> dict:
-    return {"kind": "stages", "layers_per_stage": 1, "overrides": overrides}
+def _lw(share: float = 0.0, **overrides) -> dict:
+    """A one-layer-per-stage method with config overrides; ``share``: stage 0's share of the total steps."""
+    m = {"kind": "stages", "layers_per_stage": 1, "overrides": overrides}
+    return dict(m, stage0_share=share) if share else m
 
 
 # every setting fixed a priori (same 1,600 total steps at the cpu size); nothing chosen on the held-out split
 RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one unit at a time)
     "lw_init_prev": _lw(**{"train.stage_init_from": "previous"}),
     "lw_init_mid": _lw(**{"train.stage_init_from": "middle"}),
-    "lw_split_7333": _lw(**{"train.stage_steps": "[700,300,300,300]"}),
-    "lw_split_10222": _lw(**{"train.stage_steps": "[1000,200,200,200]"}),
-    "lw_split_7333_prev": _lw(**{"train.stage_steps": "[700,300,300,300]", "train.stage_init_from": "previous"}),
+    # stage 0's share of the total steps (4 layers: [700,300,300,300] / [1000,200,200,200])
+    "lw_split_7333": _lw(0.4375),
+    "lw_split_10222": _lw(0.625),
+    "lw_split_7333_prev": _lw(0.4375, **{"train.stage_init_from": "previous"}),
     # stage k also trains layer k-1 (at 0.5x / 1x the scheduled lr), its input from layer k-2's cache
     "lw_overlap": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5}),
     "lw_overlap1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0}),
-    "lw_overlap_split": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,
-                               "train.stage_steps": "[1000,200,200,200]"}),
+    "lw_overlap_split": _lw(0.625, **{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5}),
     # InfoPro-style local term: also predict the unmasked input tokens, weight 0.1
     "lw_recon": _lw(**{"objective.recon_weight": 0.1}),
     # per-stage mask-rate bands of the cached views
@@ -113,12 +123,41 @@ METHODS.update(RECIPES)
 DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]
 
 
+def stage_steps_of(size: str, method: str) -> tuple[int, list[int]]:
+    """(train.max_steps, train.stage_steps) of a method at a size.
+
+    Sizes with ``total_steps`` fix the whole run's steps for every depth: a stage of a stage-wise method gets
+    total / n_stages steps (``stage0_share``: stage 0 gets that share of the total, the rest split evenly), e2e
+    one n_layers-th of the total, e2e_long / e2e1_long all of it. Other sizes give every stage ``steps``.
+    """
+    s, m = SIZES[size], METHODS[method]
+    n_stages = s["n_layers"] // m.get("layers_per_stage", 1)
+    total = s.get("total_steps")
+    if not total:
+        if m["kind"] == "stages" and m.get("stage0_share") and n_stages > 1:
+            return s["steps"], _split(s["steps"] * n_stages, n_stages, m["stage0_share"])
+        return s["steps"] * (s["n_layers"] if m.get("steps_mult") else 1), []
+    if m["kind"] == "e2e":
+        return (total if m.get("steps_mult") else total // s["n_layers"]), []
+    share = m.get("stage0_share")
+    if not share or n_stages == 1:
+        return total // n_stages, []
+    return total // n_stages, _split(total, n_stages, share)
+
+
+def _split(total: int, n_stages: int, share: float) -> list[int]:
+    rest = (total - round(share * total)) // (n_stages - 1)
+    return [total - rest * (n_stages - 1)] + [rest] * (n_stages - 1)
+
+
 def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
     from stackwise.config import config_from_dict
 
     s, m = SIZES[size], METHODS[method]
-    # two masked views per sequence; S * B views are read per stage, about one epoch
-    n_seq = max(s["batch_size"], s["steps"] * s["batch_size"] // 2)
+    max_steps, split = stage_steps_of(size, method)
+    # two masked views per sequence; S * B views are read per stage, about one epoch; fresh_data: one pass of the
+    # whole (longest) run, read by the stages one slice each
+    n_seq = max(s["batch_size"], (s["total_steps"] if s.get("fresh_data") else s["steps"]) * s["batch_size"] // 2)
     tree = {
         "model": {"vocab_size": s["vocab_size"], "d_model": s["d_model"],
                   "n_layers": m.get("model_layers", s["n_layers"]),  # e2e1_long: 1 layer
@@ -132,11 +171,16 @@ def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
                   "seed": seed, "out_dir": out_dir, "checkpoint_interval": 0,
                   # e2e_long / e2e1_long: as many steps as all layer-wise stages of the full-depth model
                   # together (equal total tokens, same views)
-                  "max_steps": s["steps"] * (s["n_layers"] if m.get("steps_mult") else 1),
+                  "max_steps": max_steps,
                   "layers_per_stage": m.get("layers_per_stage", 1)},
         "engine": {"device": device, "cache_dtype": "float32", "cache_keep": "last"},
     }
-    over = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in m.get("overrides", {}).items()]
+    overrides = dict(m.get("overrides", {}))
+    if split:
+        overrides["train.stage_steps"] = json.dumps(split)
+    if s.get("fresh_data") and m["kind"] == "stages":
+        overrides["train.stage_data"] = "continue"
+    over = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
     return config_from_dict(tree, [o.replace("True", "true").replace("False", "false") for o in over])
 
 

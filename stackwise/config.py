@@ -169,6 +169,10 @@ class TrainConfig:
     """Stage k also trains layer k-1 (input: layer k-2's cache), whose file and cache it rewrites (off)."""
     overlap_lr_scale: float = 0.5
     """With stage_overlap, layer k-1's learning rate as a multiple of the stage's scheduled lr."""
+    stage_data: str = "repeat"
+    """Which batches a stage reads: "repeat" (every stage reads the views from the start of the same order) or
+    "continue" (stage i starts where stage i-1 stopped, so with enough views each stage sees new data and the
+    stages together read the same batches, in the same order, as one end-to-end run of their total steps)."""
     checkpoint_interval: int = 50
     """Steps between resumable stage checkpoints (weights + optimizer + RNG); 0 saves only at the end."""
     resume: bool = False
@@ -206,6 +210,7 @@ class TrainConfig:
         for i, n in enumerate(self.stage_steps):
             _in_range(f"train.stage_steps[{i}]", n, 1)
         _in_range("train.overlap_lr_scale", self.overlap_lr_scale, 0.0, lo_open=True)
+        _one_of("train.stage_data", self.stage_data, ("repeat", "continue"))
         if self.stage_init_from != "none" and self.stage_zero_init:
             raise ConfigError(f"train.stage_init_from={self.stage_init_from!r} and train.stage_zero_init=true both "
                               f"set a new layer's start; choose one")

@@ -90,6 +90,15 @@ def stage_config(cfg, layer: int):
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=n))
 
 
+def stage_data_offset(cfg, index: int) -> int:
+    """Optimizer steps of the stages before stage ``index`` under ``train.stage_data=continue`` (0 for "repeat"):
+    that stage's batch stream starts there."""
+    t = cfg.train
+    if t.stage_data != "continue":
+        return 0
+    return sum(t.stage_steps[:index]) if t.stage_steps else index * t.max_steps
+
+
 def overlap_layers(cfg, layers: list[int]) -> list[int]:
     """The layers a stage runs and trains: ``layers``, plus layer first-1 under ``train.stage_overlap`` (first > 0)."""
     layers = list(layers)

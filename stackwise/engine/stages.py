@@ -32,7 +32,7 @@ from .distributed import DistEnv, barrier, distributed
 from .log import MetricsWriter, logger
 from .loop import train_loop
 from .recipes import (banded_objective, cache_overlapped, overlap_layers, overlap_lr_scale,  # issue 13: depth
-                      stage_config)
+                      stage_config, stage_data_offset)
 from .recompute import FrozenPrefix
 from .rundir import RunDir, open_run
 from .stage_io import cache_outputs, evaluate_stage, stage_objective
@@ -204,6 +204,7 @@ def train_all(cfg: StackWiseConfig) -> list[StageResult]:
 def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     stage = plan_stage(cfg, layer)
     run = open_run(cfg, env, views=layer == 0)
+    offset = stage_data_offset(cfg, stage.index)  # train.stage_data=continue: where this stage's batches start
     cfg = stage_config(cfg, layer)  # issue-13 hook: train.stage_steps gives this stage its own max_steps
     layers, device, t = list(stage.layers), env.device, cfg.train
     if stage.inputs == "cache":
@@ -247,7 +248,8 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
                 f"{tokens_per_step:,}", t.max_steps)
     prefix = FrozenPrefix(cfg, run, ran[0], device) if stage.inputs == "recompute" and ran[0] > 0 else None
     prev = run.acts(ran[0] - 1, "train") if stage.inputs == "cache" and ran[0] > 0 else None
-    stream = iter(ShardStream(run.views("train"), prev, t.batch_size, seed=t.seed, start_step=start * t.grad_accum,
+    stream = iter(ShardStream(run.views("train"), prev, t.batch_size, seed=t.seed,
+                              start_step=(offset + start) * t.grad_accum,
                               rank=env.rank, world=env.world_size))
 
     def batches(step: int) -> list[dict]:

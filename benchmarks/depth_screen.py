@@ -32,7 +32,15 @@ def main(argv=None) -> dict:
     p.add_argument("--jsonl", default="", help="append the full row (with FLOPs) to this results.jsonl")
     p.add_argument("--n_layers", type=int, default=0, help="model depth (default: the size's)")
     p.add_argument("--no_clm", action="store_true", help="skip the CLM fine-tune")
+    p.add_argument("--size_set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="change the size's settings for this unit, e.g. lr=0.002 warmup=100 (schedule screening on "
+                        "the training loss; the row records them)")
     a = p.parse_args(argv)
+    for kv in a.size_set:
+        key, _, val = kv.partition("=")
+        if key not in qb.SIZES[a.size]:
+            p.error(f"--size_set {kv}: {key!r} is not a setting of size {a.size} ({sorted(qb.SIZES[a.size])})")
+        qb.SIZES[a.size][key] = type(qb.SIZES[a.size][key])(float(val) if "." in val or "e" in val else val)
     spec = dict(size=a.size, method=a.method, seed=a.seed, root=os.path.join(a.runs, a.size), device="cpu",
                 verbose=False, threads=1, n_layers=a.n_layers, no_clm=a.no_clm)
     row = qb.run_unit(spec)
@@ -40,6 +48,7 @@ def main(argv=None) -> dict:
     n_views = cfg.objective.mask_draws * cfg.data.max_train_sequences
     row["flops"] = qe.method_flops(cfg, qb.METHODS[a.method], n_views=n_views, device="cpu")
     row["jobs"] = 1
+    row["size_set"] = a.size_set
     if a.jsonl:
         with open(a.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

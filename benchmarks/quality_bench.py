@@ -73,7 +73,7 @@ SIZES = {
     # same batches in the same order as e2e_long. (At "cpu" e2e_long read the 6,400 views four times and the
     # 4-layer/1-layer gap was 0.025-0.066 nats, too small to judge.)
     "depth": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, seq_len=128,
-                  batch_size=16, total_steps=1600, fresh_data=True, finetune_steps=100, clm_steps=50, lr=1e-3,
+                  batch_size=16, total_steps=1600, fresh_data=True, finetune_steps=100, clm_steps=50, lr=3e-3,
                   warmup=100, eval_seq=256, log_interval=20),
     "gpu": dict(vocab_size=4096, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, seq_len=128,
                 batch_size=32, steps=1500, finetune_steps=300, clm_steps=300, lr=2e-3, eval_seq=1024,
@@ -118,6 +118,13 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
     "lw_curriculum": _lw(**{"objective.stage_mask_schedule": "curriculum"}),
     # full masking: rates up to 1.0 (the sampler starts from all masks)
     "lw_full_mask": _lw(**{"objective.mask_fraction_max": 1.0}),
+    # SegProp-style trainable global head (train.global_head=1): n-1 stage layers + the global head kept at fusion
+    # (n blocks, as many as e2e_long), or n stage layers + the head (n + 1 blocks), or dropped at fusion
+    "lw_ghead": dict(_lw(**{"train.global_head": 1}), stage_layers_delta=-1),
+    "lw_ghead_plus": _lw(**{"train.global_head": 1}),
+    "lw_ghead_drop": _lw(**{"train.global_head": 1, "train.global_head_fusion": "drop"}),
+    "lw_overlap_ghead": dict(_lw(**{"train.global_head": 1, "train.stage_overlap": True,
+                                    "train.overlap_lr_scale": 0.5}), stage_layers_delta=-1),
 }
 METHODS.update(RECIPES)
 DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]
@@ -131,7 +138,7 @@ def stage_steps_of(size: str, method: str) -> tuple[int, list[int]]:
     one n_layers-th of the total, e2e_long / e2e1_long all of it. Other sizes give every stage ``steps``.
     """
     s, m = SIZES[size], METHODS[method]
-    n_stages = s["n_layers"] // m.get("layers_per_stage", 1)
+    n_stages = (s["n_layers"] + m.get("stage_layers_delta", 0)) // m.get("layers_per_stage", 1)
     total = s.get("total_steps")
     if not total:
         if m["kind"] == "stages" and m.get("stage0_share") and n_stages > 1:
@@ -160,7 +167,8 @@ def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
     n_seq = max(s["batch_size"], (s["total_steps"] if s.get("fresh_data") else s["steps"]) * s["batch_size"] // 2)
     tree = {
         "model": {"vocab_size": s["vocab_size"], "d_model": s["d_model"],
-                  "n_layers": m.get("model_layers", s["n_layers"]),  # e2e1_long: 1 layer
+                  # e2e1_long: 1 layer; stage_layers_delta: lw_ghead trains n-1 stage layers under a 1-block top
+                  "n_layers": m.get("model_layers", s["n_layers"] + m.get("stage_layers_delta", 0)),
                   "n_heads": s["n_heads"], "n_kv_heads": s["n_kv_heads"], "d_ff": s["d_ff"], "max_seq_len": 1024,
                   "rope_theta": 10000.0, "init_seed": seed,
                   "attention": {"attention_type": "gqa", "backend": "torch" if device == "cpu" else "auto"}},

@@ -69,6 +69,7 @@ def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
         K = method.get("layers_per_stage", 1)
         trains_head = method.get("overrides", {}).get("train.stage_trains_head", True)
         overlap = 1 if t.stage_overlap else 0  # train.stage_overlap: one more trained (and re-cached) layer
+        top = t.global_head  # train.global_head: blocks trained in every stage (not cached)
         steps = t.stage_steps or [t.max_steps] * (m.n_layers // K)
         unit = t.batch_size * t.grad_accum * cfg.data.seq_len
         total = 0.0
@@ -76,7 +77,7 @@ def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
             th = first == 0 or trains_head
             extra = overlap if first > 0 else 0
             one = plan_stage(cfg, layer=first, train_head=th, **kw).flops_per_token
-            total += (one + (K - 1 + extra) * layer) * steps[i] * unit
+            total += (one + (K - 1 + extra + top) * layer) * steps[i] * unit
             # the stage's outputs on every train view are cached (forward of its layers)
             total += (K + extra) * plan_cache(cfg, layer=first, **kw).flops_per_token * n_views * cfg.data.seq_len
     if method.get("finetune"):
@@ -90,12 +91,13 @@ def planned_peak_bytes(cfg, method: dict, *, device: str) -> float:
     e2e = plan_end_to_end(cfg, keep_frozen_mlp=True, **kw).total
     if method["kind"] == "e2e":
         return e2e
-    K = method.get("layers_per_stage", 1) + (1 if cfg.train.stage_overlap else 0)  # overlap: one more layer
+    K = method.get("layers_per_stage", 1)
+    held = K + (1 if cfg.train.stage_overlap else 0) + cfg.train.global_head  # overlap: +1 layer; global head: +g
     th = method.get("overrides", {}).get("train.stage_trains_head", True)
-    # a K-layer stage holds K layers' activations and state; plan_stage models one layer, so scale its layer part
+    # a stage holds ``held`` layers' activations and state; plan_stage models one layer, so scale its layer part
     one = max(plan_stage(cfg, layer=f, train_head=f == 0 or th, **kw).total for f in range(0, cfg.model.n_layers, K))
     per_layer = (e2e - plan_stage(cfg, layer=1 % cfg.model.n_layers, **kw).total) / max(1, cfg.model.n_layers - 1)
-    peak = one + (K - 1) * max(per_layer, 0.0)
+    peak = one + (held - 1) * max(per_layer, 0.0)
     return max(peak, e2e) if method.get("finetune") else peak
 
 

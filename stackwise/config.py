@@ -169,6 +169,14 @@ class TrainConfig:
     """Stage k also trains layer k-1 (input: layer k-2's cache), whose file and cache it rewrites (off)."""
     overlap_lr_scale: float = 0.5
     """With stage_overlap, layer k-1's learning rate as a multiple of the stage's scheduled lr."""
+    global_head: int = 0
+    """A trainable top carried through every stage (SegProp-style global head): this many extra blocks between
+    each stage's layers and the output head, trained in every stage with the head (0 = off). Stored with the head
+    in the last layer file of each stage; ``global_head_fusion`` decides what the fused model does with them."""
+    global_head_fusion: str = "keep"
+    """"keep": the fused model has model.n_layers + global_head blocks (the top blocks last); "drop": the fused
+    model has model.n_layers blocks and the head reads the last stage layer directly (a joint fine-tune after
+    fusion then has to re-adapt the head)."""
     stage_data: str = "repeat"
     """Which batches a stage reads: "repeat" (every stage reads the views from the start of the same order) or
     "continue" (stage i starts where stage i-1 stopped, so with enough views each stage sees new data and the
@@ -211,6 +219,8 @@ class TrainConfig:
             _in_range(f"train.stage_steps[{i}]", n, 1)
         _in_range("train.overlap_lr_scale", self.overlap_lr_scale, 0.0, lo_open=True)
         _one_of("train.stage_data", self.stage_data, ("repeat", "continue"))
+        _in_range("train.global_head", self.global_head, 0)
+        _one_of("train.global_head_fusion", self.global_head_fusion, ("keep", "drop"))
         if self.stage_init_from != "none" and self.stage_zero_init:
             raise ConfigError(f"train.stage_init_from={self.stage_init_from!r} and train.stage_zero_init=true both "
                               f"set a new layer's start; choose one")

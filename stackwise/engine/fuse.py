@@ -52,14 +52,24 @@ def fuse(cfg: StackWiseConfig, *, check: bool = True) -> str:
     head = layer_tensors[-1]["output.weight"]
     tied = cfg.model.tie_embeddings and torch.equal(embed, head)
     fused_cfg = cfg
+    g = cfg.train.global_head if cfg.train.global_head_fusion == "keep" else 0
+    if g:  # train.global_head kept: its blocks become the fused model's last layers
+        fused_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=n + g))
+        logger.info("train.global_head=%d kept at fusion: the fused model has %d layers (%d..%d are the global "
+                    "head)", g, n + g, n, n + g - 1)
+    elif cfg.train.global_head:
+        logger.info("train.global_head dropped at fusion (train.global_head_fusion=drop): the head now reads layer "
+                    "%d directly", n - 1)
     if cfg.model.tie_embeddings and not tied:
-        fused_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tie_embeddings=False))
+        fused_cfg = dataclasses.replace(fused_cfg, model=dataclasses.replace(fused_cfg.model, tie_embeddings=False))
         logger.info("later stages trained the tied head: the fused model keeps stage 0's input embeddings and the "
                     "last stage's head (saved untied)")
     model = StackWiseLM(fused_cfg.model)
     state = {"tok_embeddings.weight": embed, "output.weight": head, "norm.weight": layer_tensors[-1]["norm.weight"]}
     for k, tensors in enumerate(layer_tensors):
         state.update({name: t for name, t in tensors.items() if name.startswith(f"layers.{k}.")})
+    for k in range(n, n + g):
+        state.update({name: t for name, t in layer_tensors[-1].items() if name.startswith(f"layers.{k}.")})
     if fused_cfg.model.tie_embeddings:
         state.pop("output.weight")
     ckpt.load_into(model, state, run.fused)

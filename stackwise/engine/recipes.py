@@ -99,6 +99,19 @@ def stage_data_offset(cfg, index: int) -> int:
     return sum(t.stage_steps[:index]) if t.stage_steps else index * t.max_steps
 
 
+def top_layers(cfg) -> list[int]:
+    """Indices of the ``train.global_head`` blocks: model.n_layers .. n_layers + global_head - 1 (empty when off)."""
+    n = cfg.model.n_layers
+    return list(range(n, n + cfg.train.global_head))
+
+
+def stage_model_config(cfg):
+    """The model config a stage builds: model.n_layers + train.global_head blocks (the global head last)."""
+    if not cfg.train.global_head:
+        return cfg.model
+    return dataclasses.replace(cfg.model, n_layers=cfg.model.n_layers + cfg.train.global_head)
+
+
 def overlap_layers(cfg, layers: list[int]) -> list[int]:
     """The layers a stage runs and trains: ``layers``, plus layer first-1 under ``train.stage_overlap`` (first > 0)."""
     layers = list(layers)

@@ -21,6 +21,7 @@ from ..objective import Objective, masked_accuracy, masked_loss
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier
 from .log import logger, progress_bar
 from .rundir import RunDir
+from .recipes import top_layers
 from .stage_module import StageModule
 
 _ONE = DistEnv()
@@ -39,7 +40,7 @@ def evaluate_stage(model, run: RunDir, layers, device, cfg: StackWiseConfig, env
     prev = run.acts(layers[0] - 1, "val") if layers[0] > 0 else None
     stream = ShardStream(run.views("val"), prev, cfg.train.batch_size, shuffle=False)
     sums = torch.zeros(3, dtype=torch.float64)
-    unit = StageModule(model, layers, stage_objective(cfg))
+    unit = StageModule(model, layers, stage_objective(cfg), top=top_layers(cfg))
     for _, batch in stream.shard_batches(list(range(env.rank, stream.n_shards, env.world_size)),
                                          cfg.train.batch_size):
         logits = unit.logits(batch["x"].to(device))

@@ -14,7 +14,8 @@ import torch
 from ..config import StackWiseConfig
 from ..model import StackWiseLM
 from . import checkpoint as ckpt
-from .recipes import init_new_layers, load_overlapped, overlap_layers  # issue 13: depth recipes
+from .recipes import (init_new_layers, load_overlapped, overlap_layers, stage_model_config,  # issue 13: depth
+                      top_layers)
 from .rundir import RunDir
 
 HEAD = ("norm.weight", "output.weight")
@@ -36,8 +37,10 @@ def all_trainable(model: StackWiseLM) -> dict[str, torch.nn.Parameter]:
 
 
 def trainable_params(model: StackWiseLM, layers: list[int], cfg: StackWiseConfig) -> dict[str, torch.nn.Parameter]:
-    """Freeze everything but the stage's layers (+ head, + embeddings in stage 0); return the trainable ones."""
+    """Freeze everything but the stage's layers (+ head and the global head's blocks, + embeddings in stage 0);
+    return the trainable ones."""
     first = layers[0]
+    layers = list(layers) + top_layers(cfg)
     names = {f"layers.{k}." for k in layers}
     frozen = frozen_names(model, layers)
     out = {}
@@ -53,12 +56,16 @@ def trainable_params(model: StackWiseLM, layers: list[int], cfg: StackWiseConfig
     return out
 
 
+def _is_top(name: str, cfg: StackWiseConfig) -> bool:
+    return any(name.startswith(f"layers.{k}.") for k in top_layers(cfg))
+
+
 def carried(cfg: StackWiseConfig, run: RunDir, layers: list[int]) -> dict[str, torch.Tensor]:
-    """Head (+ embeddings) that stage ``layers`` continues from: empty for stage 0."""
+    """Head (+ embeddings, + the global head's blocks) that stage ``layers`` continues from: empty for stage 0."""
     if layers[0] == 0:
         return {}
     prev, _ = ckpt.load_tensors(run.layer_ckpt(layers[0] - 1))
-    carry = {k: v for k, v in prev.items() if k in HEAD or k == "tok_embeddings.weight"}
+    carry = {k: v for k, v in prev.items() if k in HEAD or k == "tok_embeddings.weight" or _is_top(k, cfg)}
     if not cfg.model.tie_embeddings:
         first, _ = ckpt.load_tensors(run.layer_ckpt(0))
         carry["tok_embeddings.weight"] = first["tok_embeddings.weight"]
@@ -68,7 +75,8 @@ def carried(cfg: StackWiseConfig, run: RunDir, layers: list[int]) -> dict[str, t
 def stage_model(cfg: StackWiseConfig, run: RunDir, layers: list[int], *, recipes: bool = True) -> StackWiseLM:
     """The stage's model on the host: fresh seeded layers, the carried head/embeddings, and (``recipes``) the
     starting-weight recipes ``train.stage_zero_init`` / ``train.stage_init_from``."""
-    model = StackWiseLM(cfg.model, layers=overlap_layers(cfg, layers))  # issue-13 hook: + layer k-1 when overlapping
+    # issue-13 hooks: + layer k-1 when overlapping, + the train.global_head blocks
+    model = StackWiseLM(stage_model_config(cfg), layers=overlap_layers(cfg, layers) + top_layers(cfg))
     carry = carried(cfg, run, layers)
     if carry:
         ckpt.load_into(model, carry, run.layer_ckpt(layers[0] - 1), strict=False)
@@ -98,12 +106,13 @@ def load_trained(cfg: StackWiseConfig, run: RunDir, layers: list[int]) -> StackW
 
 
 def save_layers(run: RunDir, model: StackWiseLM, layers: list[int], cfg: StackWiseConfig, step: int) -> None:
-    """``layer_K.safetensors`` for each layer of the stage (the last also holds the head, layer 0 the embeddings)."""
+    """``layer_K.safetensors`` for each layer of the stage (the last also holds the head and the global head's
+    blocks, layer 0 the embeddings)."""
     state = ckpt.model_state(model)
     for k in layers:
         keep = {n: t for n, t in state.items() if n.startswith(f"layers.{k}.")}
         if k == layers[-1]:
-            keep.update({n: t for n, t in state.items() if n in HEAD})
+            keep.update({n: t for n, t in state.items() if n in HEAD or _is_top(n, cfg)})
             if cfg.model.tie_embeddings:
                 keep["output.weight"] = model.tok_embeddings.weight.detach()
         if k == 0:

@@ -35,12 +35,15 @@ class StageModule(nn.Module):
         objective: masking policy, weights, loss and attention mode.
         checkpointing: recompute each block's activations in backward (``engine.activation_checkpointing``).
         lr_scale: multipliers of the scheduled learning rate by parameter name (the backend groups by them).
+        top: blocks run after ``layers`` and before the head (``train.global_head``); their output is not
+            ``hidden``'s (caches hold the stage layers' outputs), only ``logits`` see them.
     """
 
     def __init__(self, lm: StackWiseLM, layers: list[int], objective: Objective, checkpointing: bool = False,
-                 lr_scale: dict[str, float] | None = None):
+                 lr_scale: dict[str, float] | None = None, top: list[int] | None = None):
         super().__init__()
         self.lm, self.layers, self.objective, self.checkpointing = lm, list(layers), objective, checkpointing
+        self.top = list(top or [])
         # learning-rate multipliers by parameter name (e.g. an earlier layer updated more gently); 1 when absent
         self.lr_scale = dict(lr_scale or {})
 
@@ -55,8 +58,12 @@ class StageModule(nn.Module):
         return run_stage_layers(self.lm, h, self.layers, self.objective.attention_mode, ckpt)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x (ids [B, T] or h [B, T, C]) -> logits [B, T, V] after the unit's layers and the head."""
-        return self.lm.head(self.hidden(x))
+        """x (ids [B, T] or h [B, T, C]) -> logits [B, T, V] after the unit's layers (, the top) and the head."""
+        h = self.hidden(x)
+        if self.top:
+            h = run_stage_layers(self.lm, h, self.top, self.objective.attention_mode,
+                                 self.checkpointing and torch.is_grad_enabled())
+        return self.lm.head(h)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
                 denom: torch.Tensor | float | None = None) -> torch.Tensor:

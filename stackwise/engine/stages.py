@@ -32,7 +32,7 @@ from .distributed import DistEnv, barrier, distributed
 from .log import MetricsWriter, logger
 from .loop import train_loop
 from .recipes import (banded_objective, cache_overlapped, overlap_layers, overlap_lr_scale,  # issue 13: depth
-                      stage_config, stage_data_offset)
+                      stage_config, stage_data_offset, top_layers)
 from .recompute import FrozenPrefix
 from .rundir import RunDir, open_run
 from .stage_io import cache_outputs, evaluate_stage, stage_objective
@@ -233,7 +233,7 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     state_path, interrupted = run.resume_state(stage.name, env.backend), run.has_resume_state(stage.name)
     backend = create_backend(env.backend, t, cfg.engine, env, state_path)
     backend.build(StageModule(lm, ran, objective, cfg.engine.activation_checkpointing,
-                              lr_scale=overlap_lr_scale(cfg, layers, lm)), trainable)
+                              lr_scale=overlap_lr_scale(cfg, layers, lm), top=top_layers(cfg)), trainable)
     del lm
     n_train, n_total = backend.counts()
     start = backend.load_state() if t.resume else 0

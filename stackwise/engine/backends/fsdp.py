@@ -32,7 +32,7 @@ class FSDPBackend(ShardedBackend):
             from .single import compile_blocks
 
             compile_blocks(module)
-        for k in module.layers:
+        for k in module.layers + module.top:
             fully_shard(module.lm.layers[k], mp_policy=mp)
         fully_shard(module, mp_policy=mp)
         # fully_shard swaps parameters for DTensors: look the trainable ones up again by name

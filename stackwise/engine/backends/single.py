@@ -60,7 +60,7 @@ def _load_state(path: str, params: dict, opt: torch.optim.Optimizer) -> int:
 
 def compile_blocks(module) -> None:
     """``train.compile``: each transformer block of the unit becomes a ``torch.compile``d module (in place)."""
-    for k in module.layers:
+    for k in module.layers + module.top:
         module.lm.layers[k].compile()
 
 

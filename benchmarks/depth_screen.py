@@ -35,7 +35,10 @@ def main(argv=None) -> dict:
     p.add_argument("--size_set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="change the size's settings for this unit, e.g. lr=0.002 warmup=100 (schedule screening on "
                         "the training loss; the row records them)")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="config overrides for this unit (screening on the training loss; the row records them)")
     a = p.parse_args(argv)
+    qb.EXTRA_OVERRIDES[:] = a.overrides
     for kv in a.size_set:
         key, _, val = kv.partition("=")
         if key not in qb.SIZES[a.size]:
@@ -48,7 +51,7 @@ def main(argv=None) -> dict:
     n_views = cfg.objective.mask_draws * cfg.data.max_train_sequences
     row["flops"] = qe.method_flops(cfg, qb.METHODS[a.method], n_views=n_views, device="cpu")
     row["jobs"] = 1
-    row["size_set"] = a.size_set
+    row["size_set"], row["overrides"] = a.size_set, a.overrides
     if a.jsonl:
         with open(a.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

@@ -130,6 +130,9 @@ METHODS.update(RECIPES)
 DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]
 
 
+EXTRA_OVERRIDES: list[str] = []  # depth_screen --set: config overrides for every unit of this process
+
+
 def stage_steps_of(size: str, method: str) -> tuple[int, list[int]]:
     """(train.max_steps, train.stage_steps) of a method at a size.
 
@@ -188,7 +191,7 @@ def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
         overrides["train.stage_steps"] = json.dumps(split)
     if s.get("fresh_data") and m["kind"] == "stages":
         overrides["train.stage_data"] = "continue"
-    over = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
+    over = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()] + EXTRA_OVERRIDES
     return config_from_dict(tree, [o.replace("True", "true").replace("False", "false") for o in over])
 
 

@@ -93,6 +93,11 @@ class ModelConfig:
     """Longest sequence the RoPE tables are built for."""
     init_std: float = 0.02
     """Std of the normal init of trained weights."""
+    residual_init_depth: int = 0
+    """Depth L the residual-branch output projections (attention o_proj, MLP down) are initialised for: std
+    init_std / sqrt(2 L); 0 means model.n_layers (GPT-2 style). Layer-wise stages train one layer at a time:
+    1 gives each block the init of a 1-layer model (issue 13: with the 4-layer scaling a stage-0 layer sat on
+    the unigram plateau for all of a 400-step stage)."""
     init_seed: int = 0
     """Seed of weight init and of the frozen SwiGLU projections (regenerated from (init_seed, layer, name))."""
     frozen_mlp: list[str] = field(default_factory=lambda: ["gate", "up"])
@@ -111,6 +116,7 @@ class ModelConfig:
         _in_range("model.norm_eps", self.norm_eps, 0.0, lo_open=True)
         _in_range("model.rope_theta", self.rope_theta, 0.0, lo_open=True)
         _in_range("model.init_std", self.init_std, 0.0, lo_open=True)
+        _in_range("model.residual_init_depth", self.residual_init_depth, 0)
         for p in self.frozen_mlp:
             _one_of("model.frozen_mlp[]", p, MLP_PROJECTIONS)
         if self.d_model % self.n_heads:
@@ -134,6 +140,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.mask_token_id must be -1 (last id) or in [0, {self.vocab_size}), got {self.mask_token_id}"
             )
+
+    @property
+    def init_depth(self) -> int:
+        """The depth residual output projections are initialised for (``residual_init_depth`` or n_layers)."""
+        return self.residual_init_depth or self.n_layers
 
     @property
     def head_dim(self) -> int:

@@ -65,3 +65,19 @@ def test_dummy_data_is_seeded_and_structured():
     # every transition is one of the 4 successors of the previous token
     for a, b in zip(x[:-1].tolist(), x[1:].tolist()):
         assert b in d1.succ[a].tolist()
+
+
+def test_residual_init_depth_scales_output_projections(make_cfg):
+    """model.residual_init_depth=L initialises o_proj / MLP down with std init_std / sqrt(2 L) (0: n_layers)."""
+    from stackwise.model import StackWiseLM
+
+    def stds(*over):
+        m = StackWiseLM(make_cfg("model.n_layers=4", "model.d_model=128", "model.d_ff=512", *over).model)
+        b = m.layers[1]
+        return float(b.attn.o_proj.weight.std()), float(b.mlp.down.weight.std()), float(b.attn.q_proj.weight.std())
+
+    o4, d4, q4 = stds()
+    o1, d1, q1 = stds("model.residual_init_depth=1")
+    assert abs(o4 / (0.02 / 8 ** 0.5) - 1) < 0.05 and abs(d4 / (0.02 / 8 ** 0.5) - 1) < 0.05
+    assert abs(o1 / (0.02 / 2 ** 0.5) - 1) < 0.05 and abs(d1 / (0.02 / 2 ** 0.5) - 1) < 0.05
+    assert q1 == q4  # only the residual outputs change

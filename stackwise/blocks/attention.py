@@ -125,7 +125,8 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.init_seed, self.init_std, self.n_layers = layer_idx, cfg.init_seed, cfg.init_std, cfg.n_layers
+        self.layer_idx, self.init_seed, self.init_std = layer_idx, cfg.init_seed, cfg.init_std
+        self.n_layers = cfg.init_depth  # the depth its o_proj is initialised for
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.backend = cfg.attention.backend
         C = cfg.d_model

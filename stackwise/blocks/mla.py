@@ -58,7 +58,8 @@ class MultiLatentAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         a = cfg.attention
-        self.layer_idx, self.init_seed, self.init_std, self.n_layers = layer_idx, cfg.init_seed, cfg.init_std, cfg.n_layers
+        self.layer_idx, self.init_seed, self.init_std = layer_idx, cfg.init_seed, cfg.init_std
+        self.n_layers = cfg.init_depth  # the depth its o_proj is initialised for
         self.n_heads, self.backend = cfg.n_heads, a.backend
         self.d_nope, self.d_rope, self.d_v, self.rkv = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.mla_rkv
         self.q_head_dim = self.d_nope + self.d_rope

@@ -27,7 +27,7 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx, self.init_seed, self.init_std = layer_idx, cfg.init_seed, cfg.init_std
-        self.n_layers = cfg.n_layers
+        self.n_layers = cfg.init_depth  # the depth its down projection is initialised for
         self.frozen = tuple(cfg.frozen_mlp)
         # frozen projections imported from elsewhere (e.g. Hugging Face) are real tensors, not seeds
         self.frozen_from_seed = cfg.frozen_mlp_seeded

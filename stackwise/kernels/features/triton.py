@@ -549,8 +549,8 @@ INTERPRET_FEATURE_CHUNK = 32
 def tiles(D: int, DV: int, M: int, is_trig: bool, arch: int = 90) -> dict[str, int] | None:
     """Block sizes, warps and stages of every feature kernel on sm_<arch>, or None past the kernels' limits.
 
-    The F = M ("softmax") or 2M ("trig") features run in chunks of BLOCK_F = 64 (32 at head dim 256, so a chunk's
-    tiles stay within ``MAX_TILE``), one program per chunk: any M up to ``MAX_FEATURES`` and head dims up to
+    The F = M ("softmax") or 2M ("trig") features run in chunks of BLOCK_F = 64 (at head dim 256: 32 on sm_90,
+    16 on sm_8x, so a chunk's tiles stay within ``MAX_TILE`` and shared memory), one program per chunk: any M up to ``MAX_FEATURES`` and head dims up to
     ``MAX_HEAD_DIM`` run. Beyond those (None) ``backend="auto"`` runs the torch path and "triton" raises.
     Chunks of 64 rows (Hopper's ``wgmma`` needs 64), 32 rows on sm_8x once the tiles pass 64 x 64 (shared
     memory: the dK/dV kernel needs 160 KiB of sm_80's 163 at 64 rows, 104 KiB at 32) and on every arch at head
@@ -564,10 +564,14 @@ def tiles(D: int, DV: int, M: int, is_trig: bool, arch: int = 90) -> dict[str, i
     if interpreting():
         bf = min(_pow2(n_f), INTERPRET_FEATURE_CHUNK)
         return dict(BLOCK_T=64, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_F=bf, num_warps=4, num_stages=1)
+    wide = max(bd, bdv) > 128
     bf = min(_pow2(n_f), FEATURE_CHUNK, MAX_TILE // max(bd, bdv))
+    if wide and arch < 90:
+        # the bf16/fp16 bidirectional dK/dV kernel needs 164 KiB of sm_80's 163 at 32 features
+        bf = min(bf, 16)
     size = bf * max(bd, bdv)
     # head dim 256: the [BLOCK_T, 256] q/k/v/dO tiles alone outgrow sm_90's 227 KiB at 64 rows (296 KiB)
-    bt = 64 if (arch >= 90 and max(bd, bdv) <= 128) or size <= 64 * 64 else 32
+    bt = 32 if wide or (arch < 90 and size > 64 * 64) else 64
     return dict(BLOCK_T=bt, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_F=bf, num_warps=4 if bf * bdv <= 64 * 64 else 8,
                 num_stages=1)
 

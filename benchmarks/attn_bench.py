@@ -9,8 +9,8 @@ Ops (shapes: GPU / CPU, the CPU ones scaled down so the default run takes ~2-3 m
 Providers: ``triton`` (GPU only; the CPU interpreter is far too slow), ``sdpa`` (torch), ``sdpa_flash`` (SDPA's
 FlashAttention-2 backend only, GPU), ``flash_attn`` (imported lazily, only if installed; GPU), ``reference``
 (``attention_ref``, the spec; small T only), ``feature`` (public ``feature_attention``, backend "auto": Triton on
-GPU where its tiles fit, else the torch chunked path; the row's ``path`` says which), ``feature_torch`` (GPU: the
-torch chunked path), ``feature_ref`` (the quadratic spec; small T only).
+GPU up to head dim 256 and M 1024, else the torch chunked path; the row's ``path`` says which), ``feature_torch``
+(GPU: the torch chunked path), ``feature_ref`` (the quadratic spec; small T only).
 
 Every provider is checked once against the reference at T=128 before timing (fla ``verify.py``: a speedup
 is never reported on a red gate): ``max|out - ref| <= 3 * max|ref_lowp - ref| + 1e-4`` for the output and

@@ -9,9 +9,9 @@ can pick, from the launchers' own rules (``flash.fwd_configs``, ``flash.bwd_bloc
 - flash attention: each forward autotune config and the backward (preprocess, dQ, dK/dV) blocks, for fp32 /
   bf16 / fp16 x head dims 64, 128, 192/128 (MLA: Dqk 192, Dv 128), 256 x causal / bidirectional x GQA (8 query
   heads per kv head) / MHA;
-- feature attention: all six kernels x "softmax" / "trig" x M 64 / 256 x the three dtypes x causal /
-  bidirectional (GQA 4/1), at head dim 128 where ``features.tiles`` fits them, else the largest of 64 / 32 / 16
-  that fits (the larger ones are listed as "torch path": ``backend="auto"`` runs the torch path there);
+- feature attention: all six kernels (the row max for queries and keys) x "softmax" / "trig" x M 64 / 256 x
+  head dims 128 / 256 x the three dtypes x causal / bidirectional (GQA 4/1), at the feature-chunk tiles
+  ``features.tiles`` picks (sizes it rejects would be listed as "torch path"; there are none);
 
 each for sm_80 and sm_90, with pointers and strides marked 16-divisible as a real launch specialises them.
 Prints a table (kernel, config, dtype, arch, shared memory, registers, spilled bytes, tensor-core instruction:
@@ -53,18 +53,20 @@ from stackwise.kernels.flash import triton as flash  # noqa: E402
 ARCHS = (80, 90)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
-FP32_PTR = {"LSE", "DELTA", "W", "GMAX", "RK", "MR", "S", "Z", "HH", "RDEN", "R", "RZ", "PMAX"}
-DATA_PTR = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV_"}
+FP32_PTR = {"LSE", "DELTA", "W", "QS", "GMAX", "RK", "MR", "S", "Z", "HH", "RDEN", "R", "RZ", "OUT", "PO", "PDEN",
+            "PDQ", "PDK", "PDV"}
+DATA_PTR = {"Q", "K", "V", "X", "Out", "DO", "DQ", "DK", "DV_"}
 FP32_SCALAR = {"sm_scale", "x_scale", "inv_sqrt_m", "eps"}
 # flash head-dim classes (Dqk, Dv)
 FLASH_DIMS = ((64, 64), (128, 128), (192, 128), (256, 256))
-FEATURE_D = 128
+# feature head dims: 128 runs 64-feature chunks, 256 runs 32-feature chunks
+FEATURE_DIMS = (128, 256)
 KERNELS = {
     "flash_fwd": flash._attention_fwd_kernel,
     "flash_bwd_pre": flash._attention_bwd_kernel_preprocess,
     "flash_bwd_dq": flash._attention_bwd_kernel_dq,
     "flash_bwd_dkv": flash._attention_bwd_kernel_dkv,
-    "feat_key_max": feat._feature_key_max_kernel,
+    "feat_row_max": feat._feature_row_max_kernel,
     "feat_state": feat._feature_attention_fwd_kernel_state,
     "feat_fwd": feat._feature_attention_fwd_kernel,
     "feat_bwd_dq": feat._feature_attention_bwd_kernel_dq,
@@ -138,39 +140,45 @@ def flash_cases(quick: bool) -> list[dict]:
 def feature_cases(quick: bool) -> tuple[list[dict], list[dict]]:
     """The six feature-attention kernels at the tiles ``features.tiles`` picks, GQA 4/1.
 
-    Per (map, M) and arch: head dim 128 where the tiles fit, else the largest of 64, 32, 16 that does; the
-    larger head dims are returned as "torch path" rows (the launcher does not run the kernels there).
+    Per (map, M, head dim, arch): M 64 and 256 at head dims 128 (64-feature chunks) and 256 (32-feature chunks,
+    the largest per-program tiles); sizes ``features.tiles`` rejects are returned as "torch path" rows (none
+    since the feature axis is split). The row max runs for "softmax" only, once for queries and once for keys.
     """
     cases, fallbacks = [], []
     for fmap in ("softmax",) if quick else ("softmax", "trig"):
         is_trig = fmap == "trig"
-        for m in (64,) if quick else (64, 256):
-            for arch in ARCHS if not quick else (90,):
-                d = next(d for d in (128, 64, 32, 16) if feat.tiles(d, d, m, is_trig, arch) is not None)
-                fallbacks += [dict(kernel="feat_*", tag=f"{fmap} M{m} D{big}", arch=arch) for big in (128, 64) if big > d]
-                t = feat.tiles(d, d, m, is_trig, arch)
-                warps, stages = t.pop("num_warps"), t.pop("num_stages")
-                for dtype in ("bf16",) if quick else ("fp32", "bf16", "fp16"):
-                    meta = dict(D=d, DV=d, M=m, IS_TRIG=is_trig, **t, PREC="ieee" if dtype == "fp32" else "tf32")
-                    # the key max runs for "softmax" only, once per kv head, whatever the mask
-                    if not is_trig and not quick:
-                        cases.append(_case("feat_key_max", f"{fmap} M{m} D{d}", dtype, arch,
-                                           dict(D=d, M=m, BLOCK_T=t["BLOCK_T"], BLOCK_D=t["BLOCK_D"],
-                                                BLOCK_F=t["BLOCK_F"], PREC=meta["PREC"]), warps, stages))
-                    for causal in (True,) if quick else (True, False):
-                        run_max = causal and not is_trig
-                        tag = f"{fmap} M{m} D{d} {'causal' if causal else 'bidir'}"
-                        flags = dict(CAUSAL=causal, RUN_MAX=run_max, GROUP=4)
-                        cases.append(_case("feat_fwd", tag, dtype, arch, {**meta, **flags}, warps, stages))
-                        if quick:
-                            continue
-                        cases += [
-                            _case("feat_state", tag, dtype, arch, {**meta, "RUN_MAX": run_max}, warps, stages),
-                            _case("feat_bwd_dq", tag, dtype, arch, {**meta, **flags}, warps, stages),
-                            _case("feat_bwd_state", tag, dtype, arch, {**meta, "RUN_MAX": run_max, "GROUP": 4},
-                                  warps, stages),
-                            _case("feat_bwd_dkv", tag, dtype, arch, {**meta, **flags}, warps, stages),
-                        ]
+        for m in (256,) if quick else (64, 256):
+            for d in (128,) if quick else FEATURE_DIMS:
+                for arch in ARCHS if not quick else (90,):
+                    t = feat.tiles(d, d, m, is_trig, arch)
+                    if t is None:
+                        fallbacks.append(dict(kernel="feat_*", tag=f"{fmap} M{m} D{d}", arch=arch))
+                        continue
+                    warps, stages = t.pop("num_warps"), t.pop("num_stages")
+                    for dtype in ("bf16",) if quick else ("fp32", "bf16", "fp16"):
+                        prec = "ieee" if dtype == "fp32" else "tf32"
+                        meta = dict(D=d, DV=d, M=m, IS_TRIG=is_trig, **t, PREC=prec)
+                        if not is_trig and not quick:
+                            # independent of the mask and the grouping
+                            for is_key in (False, True):
+                                cases.append(_case("feat_row_max", f"{fmap} M{m} D{d} {'k' if is_key else 'q'}", dtype,
+                                                   arch, dict(D=d, M=m, IS_KEY=is_key, BLOCK_T=t["BLOCK_T"],
+                                                              BLOCK_D=t["BLOCK_D"], BLOCK_F=t["BLOCK_F"], PREC=prec),
+                                                   warps, stages))
+                        for causal in (True,) if quick else (True, False):
+                            run_max = causal and not is_trig
+                            tag = f"{fmap} M{m} D{d} {'causal' if causal else 'bidir'}"
+                            flags = dict(CAUSAL=causal, RUN_MAX=run_max, GROUP=4)
+                            cases.append(_case("feat_fwd", tag, dtype, arch, {**meta, **flags}, warps, stages))
+                            if quick:
+                                continue
+                            cases += [
+                                _case("feat_state", tag, dtype, arch, {**meta, "RUN_MAX": run_max}, warps, stages),
+                                _case("feat_bwd_dq", tag, dtype, arch, {**meta, **flags}, warps, stages),
+                                _case("feat_bwd_state", tag, dtype, arch, {**meta, "RUN_MAX": run_max, "GROUP": 4},
+                                      warps, stages),
+                                _case("feat_bwd_dkv", tag, dtype, arch, {**meta, **flags}, warps, stages),
+                            ]
     return cases, fallbacks
 
 

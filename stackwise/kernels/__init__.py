@@ -102,9 +102,9 @@ def feature_attention(
         causal: query i attends to keys j <= i.
         feature_map: "softmax" (positive features estimating exp(q.k * scale)) or "trig" (random Fourier).
         scale: defaults to D ** -0.5.
-        backend: "auto" | "triton" | "torch". "auto" runs the torch path on CUDA where the Triton feature
-            kernels' tiles do not fit (``features.triton.fits``: M features x head dim over 64 x 128, 2M for
-            "trig"); "triton" raises there.
+        backend: "auto" | "triton" | "torch". "auto" runs the Triton kernels on CUDA for head dims <= 256 and
+            M <= 1024 (the feature axis is split into chunks, ``features.triton.fits``) and the torch path
+            beyond; "triton" raises there.
         temperature: "trig" only: tau > 0, a float or a tensor [] / [Hkv] (one per kv head, differentiable);
             the estimated weight is exp(tau^2 s^2 (cos(q, k) - 1)). None means 1.
 

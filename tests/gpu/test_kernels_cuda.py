@@ -78,9 +78,11 @@ def test_flash_backward_deterministic_cuda():
         assert torch.equal(x, y), f"{name} differs between two runs (the kernels use no atomics)"
 
 
-# (feature map, D, M): the largest tiles the Triton feature kernels take (features.triton.MAX_TILE)
+# (feature map, D, M): one feature chunk (softmax d64 / d128 M 64) and split feature axes (M 256 "softmax" at d 128,
+# "trig" M 64 at d 128, "softmax" M 256 at d 256: 32-feature chunks), the sizes over the old 64 x 128 limit
 FEATURE_CASES = {"softmax-d128-m64": ("softmax", 128, 64), "softmax-d64-m64": ("softmax", 64, 64),
-                 "trig-d64-m64": ("trig", 64, 64)}
+                 "trig-d64-m64": ("trig", 64, 64), "softmax-d128-m256": ("softmax", 128, 256),
+                 "trig-d128-m64": ("trig", 128, 64), "softmax-d256-m256": ("softmax", 256, 256)}
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
@@ -110,12 +112,10 @@ def test_feature_attention_cuda(case, dtype, causal):
     _check(f"feature {case} {dtype}", got, hi, lowp)
 
 
-def test_feature_attention_auto_falls_back_where_tiles_do_not_fit():
-    """M 256 at head dim 128 is over the kernels' tile limit: backend="auto" runs the torch path, "triton" refuses."""
+def test_feature_attention_auto_runs_triton_at_split_features():
+    """M 256 at head dim 128 (over the old whole-F tile limit) runs the Triton kernels under backend="auto"."""
     W = draw_features(128, 256, seed=0, device="cuda")
     q, k, v, _ = _inputs(1, 4, 2, 200, 128, 128, torch.bfloat16)
     o = feature_attention(q, k, v, W, causal=True, backend="auto")
-    ref = feature_attention(q, k, v, W, causal=True, backend="torch")
-    assert torch.equal(o, ref)
-    with pytest.raises(ValueError, match="do not fit"):
-        feature_attention(q, k, v, W, causal=True, backend="triton")
+    tri = feature_attention(q, k, v, W, causal=True, backend="triton")
+    assert torch.equal(o, tri)

@@ -54,12 +54,24 @@ def _grid():
         _case(1, 256, 2, 1, 64, 64, 64, "softmax", "orthogonal", "fp32", True),
         _case(1, 200, 2, 2, 32, 32, 24, "trig", "gaussian", "fp32", True),
     ]
+    # sizes over the old whole-F tile limit (64 x 128), now split into feature chunks (32 under the interpreter,
+    # 64 / 32 on a GPU): M 256 "softmax" at d 64 / 128, M 64 "trig" at d 128, M 256 "trig" at d 32; GQA/MQA, odd T
+    cases += [
+        _case(1, 70, 4, 2, 128, 128, 256, "softmax", "orthogonal", "fp32", True),
+        _case(1, 45, 4, 1, 64, 64, 256, "softmax", "gaussian", "fp32", False),
+        _case(2, 37, 2, 2, 128, 96, 64, "trig", "orthogonal", "fp32", True),
+        _case(1, 70, 4, 2, 128, 128, 64, "trig", "gaussian", "fp32", False),
+        _case(1, 33, 2, 1, 32, 32, 256, "trig", "laplacian", "fp32", True),
+        _case(1, 19, 2, 1, 256, 64, 96, "softmax", "gaussian", "fp32", True),
+    ]
     # low precision: a diagonal subset
     cases += [
         _case(1, 70, 4, 2, 64, 64, 32, "softmax", "orthogonal", "bf16", True),
         _case(1, 113, 2, 1, 40, 24, 32, "trig", "gaussian", "bf16", False),
         _case(2, 33, 2, 2, 64, 64, 64, "softmax", "gaussian", "fp16", False),
         _case(1, 129, 4, 1, 32, 32, 16, "trig", "orthogonal", "fp16", True),
+        _case(1, 70, 4, 2, 128, 128, 256, "softmax", "orthogonal", "bf16", True),
+        _case(1, 45, 2, 1, 128, 128, 64, "trig", "gaussian", "fp16", False),
     ]
     return cases
 
@@ -146,8 +158,8 @@ def test_softmax_features_converge(backend, family, causal):
 
 @pytest.mark.parametrize("fmap", ["softmax", "trig"])
 def test_feature_backward_deterministic(fmap):
-    """Two backward passes give bit-identical gradients (no atomics)."""
-    W = draw_features(32, 32, seed=0)
+    """Two backward passes give bit-identical gradients (no atomics; M 80: three feature chunks summed in torch)."""
+    W = draw_features(32, 80, seed=0)
     q, k, v, do = _inputs(1, 150, 4, 2, 32, 32, torch.float32)
     grads = []
     for _ in range(2):
@@ -189,6 +201,22 @@ def test_feature_non_contiguous():
         assert_close(name, r, x, 2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_tiles_cover_every_supported_size(arch, monkeypatch):
+    """Every head dim <= 256 and M <= 1024 gets feature-chunk tiles within MAX_TILE; only larger sizes are refused."""
+    from stackwise.kernels.features import triton as ft
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU rules, not the interpreter's
+    for is_trig in (False, True):
+        for d in (16, 24, 64, 96, 128, 192, 256):
+            for m in (1, 48, 64, 256, 1000, 1024):
+                t = ft.tiles(d, d, m, is_trig, arch)
+                assert t is not None, f"no tiles for d {d}, M {m}, trig {is_trig}, sm_{arch}"
+                assert t["BLOCK_F"] * max(t["BLOCK_D"], t["BLOCK_DV"]) <= ft.MAX_TILE, t
+        assert ft.tiles(320, 320, 64, is_trig, arch) is None and ft.tiles(64, 64, 1025, is_trig, arch) is None
+    assert ft.fits(128, 128, 256, False, torch.device("cpu")) and not ft.fits(512, 64, 64, True, torch.device("cpu"))
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -210,7 +238,7 @@ def test_feature_bad_inputs(api, change, match):
         fn(args["q"], args["k"], args["v"], args["W"], causal=True, feature_map=args["feature_map"])
 
 
-def _no_lookahead_inputs(T, P, D, future):
+def _no_lookahead_inputs(T, P, D, future, W):
     """Past keys of norm 34 (features far below a key-global max), future keys/values per ``future``."""
     H, Hkv, Dv = 4, 2, 16
     q = torch.randn(1, H, T, D)
@@ -226,7 +254,6 @@ def _no_lookahead_inputs(T, P, D, future):
         k2[:, :, P:] = fk / fk.norm(dim=-1, keepdim=True) * 6.0
     elif future == "aligned":
         # keys that maximise x'W - |x'|^2 / 2 for one feature column: the largest possible key max
-        W = draw_features(D, 64, family="orthogonal", seed=5)
         best = W.norm(dim=0).argmax()
         k2[:, :, P:] = (W[:, best] / D**-0.25).expand_as(fk)
     else:
@@ -236,18 +263,20 @@ def _no_lookahead_inputs(T, P, D, future):
     return q, (k, v), (k2, v2), do
 
 
+@pytest.mark.parametrize("M", [64, 256])
 @pytest.mark.parametrize("future", ["small", "aligned", "huge"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "ref"])
-def test_causal_no_lookahead(backend, future):
+def test_causal_no_lookahead(backend, future, M):
     """Causal outputs and gradients at positions < P do not change when keys/values at >= P change.
 
     Regression: the "softmax" key stabiliser was a max over all T keys, so a later key could push earlier keys'
     features to exactly 0.0 in float32 (outputs 0.0 on the full sequence, nonzero on the prefix alone).
-    T 150 spans the Triton chunks (64) and segments (128 under the interpreter); P 70 sits inside a chunk.
+    T 150 spans the Triton chunks (64) and segments (128 under the interpreter); P 70 sits inside a chunk. M 256
+    splits the feature axis into 8 chunks: the running stabiliser is a max over all of them.
     """
     T, P, D = 150, 70, 16
-    W = draw_features(D, 64, family="orthogonal", seed=5)
-    q, (k, v), (k2, v2), do = _no_lookahead_inputs(T, P, D, future)
+    W = draw_features(D, M, family="orthogonal", seed=5)
+    q, (k, v), (k2, v2), do = _no_lookahead_inputs(T, P, D, future, W)
 
     def run(q, k, v, do):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -261,6 +290,7 @@ def test_causal_no_lookahead(backend, future):
     base, pert = run(q, k, v, do), run(q, k2, v2, do)
     prefix = run(q[:, :, :P], k[:, :, :P], v[:, :, :P], do[:, :, :P])
     assert base[0][:, :, :P].abs().amax(-1).min() > 0, "past outputs underflowed to 0"
+    assert all(x.abs().amax() > 0 for x in base), "an output or gradient is all zeros"
     for name, a, b, c in zip(("o", "dq", "dk", "dv"), base, pert, prefix):
         assert torch.isfinite(b).all(), f"{name} non-finite after perturbing the future"
         assert_close(f"{name} (future changed)", a[:, :, :P], b[:, :, :P], 1e-6, atol=1e-7)

@@ -8,32 +8,38 @@ reference module docstring. phi(q), phi(k) are recomputed in registers from q, k
 global memory; "trig" runs as one feature axis of width 2M over ``[W, W]`` (cos columns, then sin columns), on
 inputs that :func:`~.reference.trig_normalise` scaled on the host (x^ = tau * s * x / |x|, tau the temperature).
 
-Kernels, per (batch, head), with F = M ("softmax") or 2M ("trig") features and T split into ``n_split``
-segments of ``CPS`` chunks of ``BLOCK_T`` rows (segments give the GPU parallelism along T):
-- ``_feature_key_max_kernel``: the "softmax" map's global key stabiliser, max over all keys and features of
-  ``x'W - |x'|^2 / 2`` per (batch, kv head). This small separate Triton pass writes one max per key block;
-  torch reduces the blocks (the stabiliser is detached in the reference, and cancels in the ratio).
-- ``_feature_attention_fwd_kernel_state``: per segment and kv head, S = phi(K)^T V [F, Dv], z = phi(K)^T 1 [F].
-  Torch sums the segments (bidirectional) or takes their exclusive prefix sum (causal); both deterministic.
-- ``_feature_attention_fwd_kernel``: outputs. Bidirectional: ``phi(q) S / phi(q) z`` per chunk. Causal:
-  each segment starts from its prefix state and scans its chunks: masked intra-chunk term plus state, then
-  adds the chunk to the state (chunked prefix sums).
+Kernels, per (batch, head) and feature chunk, with F = M ("softmax") or 2M ("trig") features split into
+``n_fc`` chunks of ``BLOCK_F`` (the third grid axis) and T split into ``n_split`` segments of ``CPS`` chunks of
+``BLOCK_T`` rows (segments give the GPU parallelism along T):
+- ``_feature_row_max_kernel``: the "softmax" map's stabilisers, a max over all feature chunks per row: max_f x'W
+  per query, and ``x'W - |x'|^2 / 2`` per key, which torch reduces to the global key max per (batch, kv head)
+  (bidirectional) or the running max (causal). All are detached in the reference and cancel in the ratio; a
+  max over every chunk keeps each chunk's features on the same scale.
+- ``_feature_attention_fwd_kernel_state``: per segment, kv head and feature chunk, S = phi(K)^T V [BLOCK_F, Dv],
+  z = phi(K)^T 1 [BLOCK_F]. Torch sums the segments (bidirectional) or takes their exclusive prefix sum
+  (causal); both deterministic.
+- ``_feature_attention_fwd_kernel``: per feature chunk, the partial numerator ``phi(q) S`` and denominator
+  ``phi(q) z`` (causal: each segment starts from its prefix state and scans its chunks, masked intra-chunk term
+  plus state, then adds the chunk to the state). Both are sums over features, so torch sums the chunks' partials
+  and only then divides: the normaliser sums over all features.
 - backward (recomputes the features; W gets no gradient): with g_i = dO_i / den_i and
-  h_i = -(dO_i . o_i) / den_i, ``dphi(q_i) = g_i S_i^T + h_i z_i`` (``_bwd_kernel_dq``, same scan as the
-  forward; it also stores h and 1/den), ``R = sum_i phi(q_i)^T g_i``, ``r = sum_i h_i phi(q_i)`` over the query
-  heads of the group (``_bwd_kernel_state``, suffix sums when causal), then per kv head in reverse order
-  ``dphi(k_j) = R_j v_j + r_j`` and ``dv_j = phi(k_j) R_j`` plus the masked intra-chunk terms
-  (``_bwd_kernel_dkv``). No atomics: backward is deterministic. dx follows from dphi by the chain rule
-  through the map (``_phi_bwd``).
+  h_i = -(dO_i . o_i) / den_i (torch, from the forward's totals), per feature chunk ``dphi(q_i) = g_i S_i^T +
+  h_i z_i`` (``_bwd_kernel_dq``, same scan as the forward), ``R = sum_i phi(q_i)^T g_i``, ``r = sum_i h_i
+  phi(q_i)`` over the query heads of the group (``_bwd_kernel_state``, suffix sums when causal), then per kv head
+  in reverse order ``dphi(k_j) = R_j v_j + r_j`` and ``dv_j = phi(k_j) R_j`` plus the masked intra-chunk terms
+  (``_bwd_kernel_dkv``). dx follows from dphi by the chain rule through the map (``_phi_bwd``); each chunk's
+  share of dq, dk, dv is linear in it, so torch sums the chunks' fp32 partials. No atomics: deterministic.
 
 Precision: loads are upcast to fp32 right after ``tl.load``; all matmuls are fp32 (``input_precision`` "ieee"
 for fp32 inputs, "tf32" for bf16/fp16 inputs on GPU, where the inputs already carry that much noise).
 
-Caveats: the state tile [F, Dv] and the feature tile [BLOCK_T, F] live in registers and are staged through
-shared memory whole, so the kernels run only up to BLOCK_F x head dim = ``MAX_TILE`` (:func:`tiles`,
-:func:`fits`; checked by benchmarks/kernel_compile_check.py); larger M runs the torch path under backend="auto"
-(TODO(issue 14 follow-up): split F across programs). Not yet run on a GPU; CI runs it under
-``TRITON_INTERPRET=1``. Inputs that are not contiguous are copied once (``.contiguous()``).
+Caveats: a program holds one feature chunk's state [BLOCK_F, Dv] and feature tile [BLOCK_T, BLOCK_F] in
+registers, at most BLOCK_F x head dim = ``MAX_TILE`` (64 x 128; 32 x 256 at head dim 256), so every M up to
+``MAX_FEATURES`` and head dim up to ``MAX_HEAD_DIM`` runs (:func:`tiles`, checked by
+benchmarks/kernel_compile_check.py). The price: the row-max pre-pass, the query/key features recomputed once per
+feature chunk, and fp32 partial outputs of n_fc times the output size (dq, dk, dv too in backward). Not yet run
+on a GPU; CI runs it under ``TRITON_INTERPRET=1``. Inputs that are not contiguous are copied once
+(``.contiguous()``).
 """
 
 from __future__ import annotations
@@ -56,31 +62,31 @@ MAX_FEATURES = 1024
 @triton.jit
 def _phi_fwd(x, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m,
              M: tl.constexpr, IS_TRIG: tl.constexpr, IS_QUERY: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """phi(x) [BLOCK_T, BLOCK_F] from raw x [BLOCK_T, BLOCK_D] and w [BLOCK_D, BLOCK_F]; 0 outside the masks."""
+    """phi(x) [BLOCK_T, BLOCK_F] of one feature chunk (global indices offs_f) from x [BLOCK_T, BLOCK_D] and that
+    chunk's w [BLOCK_D, BLOCK_F]; 0 outside the masks. ``stab`` [BLOCK_T] ("softmax" only) is the row's
+    stabiliser over all features: max_f x'W for queries, the key max (own or global) for keys."""
+    xs = x * x_scale
+    proj = tl.dot(xs, w, input_precision=PREC)  # [BLOCK_T, BLOCK_F]
     if IS_TRIG:
         # x arrives normalised and temperature-scaled (trig_normalise on the host): x^ = x * x_scale
         f_mask = offs_f < 2 * M
-        xs = x * x_scale
-        proj = tl.dot(xs, w, input_precision=PREC)  # [BLOCK_T, BLOCK_F]
         phi = tl.where((offs_f >= M)[None, :], tl.sin(proj), tl.cos(proj))
     else:
         f_mask = offs_f < M
-        xs = x * x_scale
-        proj = tl.dot(xs, w, input_precision=PREC)  # [BLOCK_T, BLOCK_F]
         if IS_QUERY:
             # per-query stabiliser max_f(x'W) - |x'|^2/2: the |x'|^2 terms cancel
-            pmax = tl.max(tl.where(f_mask[None, :], proj, float("-inf")), 1)
-            phi = tl.exp(proj - pmax[:, None])
+            phi = tl.exp(proj - stab[:, None])
         else:
             sq = 0.5 * tl.sum(xs * xs, 1)
-            phi = tl.exp(proj - sq[:, None] - stab)
+            phi = tl.exp(proj - (sq + stab)[:, None])
     return tl.where(row_mask[:, None] & f_mask[None, :], phi, 0.0) * inv_sqrt_m
 
 
 @triton.jit
 def _phi_bwd(x, w, row_mask, offs_f, dphi, stab, x_scale, inv_sqrt_m,
              M: tl.constexpr, IS_TRIG: tl.constexpr, IS_QUERY: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """dL/dx [BLOCK_T, BLOCK_D] from dL/dphi [BLOCK_T, BLOCK_F]; recomputes the features, stabilisers detached."""
+    """One feature chunk's share of dL/dx [BLOCK_T, BLOCK_D] from dL/dphi [BLOCK_T, BLOCK_F] (linear in the chunk,
+    so the chunks' shares add up); recomputes the features, stabilisers detached."""
     if IS_TRIG:
         # the normalisation's gradient is torch autograd's (trig_normalise ran on the host)
         mask = row_mask[:, None] & (offs_f < 2 * M)[None, :]
@@ -114,22 +120,44 @@ def _load_m(MR, bhkv, T, row):
 
 
 @triton.jit
-def _feature_key_max_kernel(
-    K, W, PMAX, T, x_scale,
-    D: tl.constexpr, M: tl.constexpr,
+def _key_stab(GMAX, RK, bhkv, T, rows, row_mask, RUN_MAX: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The key features' stabiliser per row [BLOCK_T]: the key's own max r_j (causal "softmax", rescaled by
+    exp(r_j - m) where used) or the kv head's global max (bidirectional; 0 for "trig", which ignores it)."""
+    if RUN_MAX:
+        stab = tl.load(RK + bhkv * T + rows, mask=row_mask, other=0.0)
+    else:
+        stab = tl.zeros([BLOCK_T], dtype=tl.float32) + tl.load(GMAX + bhkv)
+    return stab
+
+
+@triton.jit
+def _w_chunk(W, offs_d, offs_f, F_PAD):
+    """The chunk's columns of the zero-padded projection [BLOCK_D, F_PAD]: [BLOCK_D, BLOCK_F]."""
+    return tl.load(W + offs_d[:, None] * F_PAD + offs_f[None, :])
+
+
+@triton.jit
+def _feature_row_max_kernel(
+    X, W, OUT, T, x_scale, N_FC,
+    D: tl.constexpr, M: tl.constexpr, IS_KEY: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
+    """Per row of X [rows, T, D]: max over all M features of x'W, minus |x'|^2 / 2 for keys ("softmax")."""
     pid_t = tl.program_id(0).to(tl.int64)
-    bhkv = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_f = tl.arange(0, BLOCK_F)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
-    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])  # [BLOCK_D, BLOCK_F], zero-padded on host
-    xs = _load_rows(K + bhkv * T * D, rows, row_mask, offs_d, D) * x_scale
-    logits = tl.dot(xs, w, input_precision=PREC) - 0.5 * tl.sum(xs * xs, 1)[:, None]  # [BLOCK_T, BLOCK_F]
-    logits = tl.where(row_mask[:, None] & (offs_f < M)[None, :], logits, float("-inf"))
-    tl.store(PMAX + bhkv * T + rows, tl.max(logits, 1), mask=row_mask)
+    xs = _load_rows(X + row * T * D, rows, row_mask, offs_d, D) * x_scale  # [BLOCK_T, BLOCK_D]
+    best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    # the feature chunks in turn: one [BLOCK_D, BLOCK_F] slice of W at a time
+    for fc in range(0, N_FC):
+        offs_f = fc * BLOCK_F + tl.arange(0, BLOCK_F)
+        proj = tl.dot(xs, _w_chunk(W, offs_d, offs_f, N_FC * BLOCK_F), input_precision=PREC)  # [BLOCK_T, BLOCK_F]
+        best = tl.maximum(best, tl.max(tl.where((offs_f < M)[None, :], proj, float("-inf")), 1))
+    if IS_KEY:
+        best = best - 0.5 * tl.sum(xs * xs, 1)
+    tl.store(OUT + row * T + rows, best, mask=row_mask)
 
 
 @triton.jit
@@ -141,13 +169,14 @@ def _feature_attention_fwd_kernel_state(
 ):  # fmt: skip
     pid_s = tl.program_id(0).to(tl.int64)
     bhkv = tl.program_id(1).to(tl.int64)
+    pid_f = tl.program_id(2).to(tl.int64)
     n_bhkv = tl.num_programs(1)
+    f_pad = tl.num_programs(2) * BLOCK_F
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_f = tl.arange(0, BLOCK_F)
-    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])  # [BLOCK_D, BLOCK_F]
-    stab = tl.load(GMAX + bhkv)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    w = _w_chunk(W, offs_d, offs_f, f_pad)  # [BLOCK_D, BLOCK_F]
     k_base = K + bhkv * T * D
     v_base = V + bhkv * T * DV
     st = tl.zeros([BLOCK_F, BLOCK_DV], dtype=tl.float32)
@@ -162,21 +191,22 @@ def _feature_attention_fwd_kernel_state(
         row_mask = rows < T
         k = _load_rows(k_base, rows, row_mask, offs_d, D)  # [BLOCK_T, BLOCK_D]
         v = _load_rows(v_base, rows, row_mask, offs_dv, DV)  # [BLOCK_T, BLOCK_DV]
-        pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
+        kstab = _key_stab(GMAX, RK, bhkv, T, rows, row_mask, RUN_MAX, BLOCK_T)
+        pk = _phi_fwd(k, w, row_mask, offs_f, kstab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
         if RUN_MAX:
             r = tl.load(RK + bhkv * T + rows, mask=row_mask, other=float("-inf"))
             pk = pk * tl.exp(r - base)[:, None]
         st += tl.dot(tl.trans(pk), v, input_precision=PREC)
         z += tl.sum(pk, 0)
     idx = pid_s * n_bhkv + bhkv
-    tl.store(S + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :], st)
-    tl.store(Z + idx * BLOCK_F + offs_f, z)
+    tl.store(S + idx * f_pad * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :], st)
+    tl.store(Z + idx * f_pad + offs_f, z)
 
 
 @triton.jit
 def _feature_attention_fwd_kernel(
-    Q, K, V, W, GMAX, RK, MR, S, Z, Out,
-    H, HKV, T, x_scale, inv_sqrt_m, eps, CPS,
+    Q, K, V, W, QS, GMAX, RK, MR, S, Z, PO, PDEN,
+    H, HKV, T, x_scale, inv_sqrt_m, CPS,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
     IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr, RUN_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -184,24 +214,29 @@ def _feature_attention_fwd_kernel(
 ):  # fmt: skip
     pid_s = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
+    pid_f = tl.program_id(2).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    f_pad = tl.num_programs(2) * BLOCK_F
     b = bh // H
     bhkv = b * HKV + (bh % H) // GROUP
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_f = tl.arange(0, BLOCK_F)
-    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])  # [BLOCK_D, BLOCK_F]
-    stab = tl.load(GMAX + bhkv)
-    # causal: the exclusive prefix state of this segment; bidirectional: the total state
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    w = _w_chunk(W, offs_d, offs_f, f_pad)  # [BLOCK_D, BLOCK_F]
+    # causal: the exclusive prefix state of this segment; bidirectional: the total state (this feature chunk's rows)
     if CAUSAL:
-        idx = pid_s * (tl.num_programs(1) // GROUP) + bhkv
+        idx = pid_s * (n_bh // GROUP) + bhkv
     else:
         idx = bhkv
-    st = tl.load(S + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :])  # [BLOCK_F, BLOCK_DV]
-    z = tl.load(Z + idx * BLOCK_F + offs_f)  # [BLOCK_F]
+    st = tl.load(S + idx * f_pad * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :])  # [BLOCK_F, BLOCK_DV]
+    z = tl.load(Z + idx * f_pad + offs_f)  # [BLOCK_F]
     q_base = Q + bh * T * D
     k_base = K + bhkv * T * D
     v_base = V + bhkv * T * DV
+    # this feature chunk's partial numerator [T, DV] and denominator [T]; the host sums the chunks
+    po_base = PO + (pid_f * n_bh + bh) * T * DV
+    pden_base = PDEN + (pid_f * n_bh + bh) * T
     lo = pid_s * CPS
     hi = tl.minimum(lo + CPS, tl.cdiv(T, BLOCK_T))
     if RUN_MAX:
@@ -211,7 +246,8 @@ def _feature_attention_fwd_kernel(
         rows = c * BLOCK_T + offs_t
         row_mask = rows < T
         q = _load_rows(q_base, rows, row_mask, offs_d, D)
-        pq = _phi_fwd(q, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)  # [BLOCK_T, BLOCK_F]
+        qs = tl.load(QS + bh * T + rows, mask=row_mask, other=0.0)
+        pq = _phi_fwd(q, w, row_mask, offs_f, qs, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)  # [BLOCK_T, BLOCK_F]
         num = tl.dot(pq, st, input_precision=PREC)  # [BLOCK_T, BLOCK_DV]
         den = tl.sum(pq * z[None, :], 1)  # [BLOCK_T]
         if RUN_MAX:
@@ -224,7 +260,9 @@ def _feature_attention_fwd_kernel(
         if CAUSAL:
             k = _load_rows(k_base, rows, row_mask, offs_d, D)
             v = _load_rows(v_base, rows, row_mask, offs_dv, DV)
-            pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
+            kstab = _key_stab(GMAX, RK, bhkv, T, rows, row_mask, RUN_MAX, BLOCK_T)
+            pk = _phi_fwd(k, w, row_mask, offs_f, kstab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+            # this chunk's share of a = phi(q) phi(k)^T (a sum over features, so the shares add up)
             a = tl.dot(pq, tl.trans(pk), input_precision=PREC)  # [BLOCK_T, BLOCK_T]
             if RUN_MAX:
                 cw = tl.exp(tl.where(rows[:, None] >= rows[None, :], r[None, :] - mi[:, None], float("-inf")))
@@ -242,15 +280,15 @@ def _feature_attention_fwd_kernel(
             else:
                 st += tl.dot(tl.trans(pk), v, input_precision=PREC)
                 z += tl.sum(pk, 0)
-        o = num / tl.maximum(den, eps)[:, None]
-        o_ptrs = Out + bh * T * DV + rows[:, None] * DV + offs_dv[None, :]
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_mask[:, None] & (offs_dv < DV)[None, :])
+        tl.store(po_base + rows[:, None] * DV + offs_dv[None, :], num,
+                 mask=row_mask[:, None] & (offs_dv < DV)[None, :])  # fmt: skip
+        tl.store(pden_base + rows, den, mask=row_mask)
 
 
 @triton.jit
 def _feature_attention_bwd_kernel_dq(
-    Q, K, V, W, GMAX, RK, MR, S, Z, DO, DQ, HH, RDEN,
-    H, HKV, T, x_scale, inv_sqrt_m, eps, CPS,
+    Q, K, V, W, QS, GMAX, RK, MR, S, Z, DO, HH, RDEN, PDQ,
+    H, HKV, T, x_scale, inv_sqrt_m, CPS,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
     IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr, RUN_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -258,20 +296,22 @@ def _feature_attention_bwd_kernel_dq(
 ):  # fmt: skip
     pid_s = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
+    pid_f = tl.program_id(2).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    f_pad = tl.num_programs(2) * BLOCK_F
     b = bh // H
     bhkv = b * HKV + (bh % H) // GROUP
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_f = tl.arange(0, BLOCK_F)
-    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])
-    stab = tl.load(GMAX + bhkv)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    w = _w_chunk(W, offs_d, offs_f, f_pad)
     if CAUSAL:
-        idx = pid_s * (tl.num_programs(1) // GROUP) + bhkv
+        idx = pid_s * (n_bh // GROUP) + bhkv
     else:
         idx = bhkv
-    st = tl.load(S + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :])  # [BLOCK_F, BLOCK_DV]
-    z = tl.load(Z + idx * BLOCK_F + offs_f)
+    st = tl.load(S + idx * f_pad * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :])  # [BLOCK_F, BLOCK_DV]
+    z = tl.load(Z + idx * f_pad + offs_f)
     q_base = Q + bh * T * D
     k_base = K + bhkv * T * D
     v_base = V + bhkv * T * DV
@@ -283,38 +323,26 @@ def _feature_attention_bwd_kernel_dq(
         rows = c * BLOCK_T + offs_t
         row_mask = rows < T
         q = _load_rows(q_base, rows, row_mask, offs_d, D)
+        qs = tl.load(QS + bh * T + rows, mask=row_mask, other=0.0)
         do = _load_rows(DO + bh * T * DV, rows, row_mask, offs_dv, DV)  # [BLOCK_T, BLOCK_DV]
-        pq = _phi_fwd(q, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
-        num = tl.dot(pq, st, input_precision=PREC)
-        den = tl.sum(pq * z[None, :], 1)
+        pq = _phi_fwd(q, w, row_mask, offs_f, qs, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
+        # g = dO / den and h = -(dO . o) / den (0 where the clamp is active) come from the forward's totals
+        g = do * tl.load(RDEN + bh * T + rows, mask=row_mask, other=0.0)[:, None]  # [BLOCK_T, BLOCK_DV]
+        hh = tl.load(HH + bh * T + rows, mask=row_mask, other=0.0)  # [BLOCK_T]
+        dpq = tl.dot(g, tl.trans(st), input_precision=PREC) + hh[:, None] * z[None, :]  # [BLOCK_T, BLOCK_F]
         if RUN_MAX:
             mi = tl.load(MR + bhkv * T + rows, mask=row_mask, other=float("inf"))
             r = tl.load(RK + bhkv * T + rows, mask=row_mask, other=float("-inf"))
-            sc = tl.exp(mprev - mi)
-            num = num * sc[:, None]
-            den = den * sc
+            dpq = dpq * tl.exp(mprev - mi)[:, None]
         if CAUSAL:
             k = _load_rows(k_base, rows, row_mask, offs_d, D)
             v = _load_rows(v_base, rows, row_mask, offs_dv, DV)
-            pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
+            kstab = _key_stab(GMAX, RK, bhkv, T, rows, row_mask, RUN_MAX, BLOCK_T)
+            pk = _phi_fwd(k, w, row_mask, offs_f, kstab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
             causal = rows[:, None] >= rows[None, :]
-            a = tl.where(causal, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)  # [BLOCK_T, BLOCK_T]
-            if RUN_MAX:
-                cw = tl.exp(tl.where(causal, r[None, :] - mi[:, None], float("-inf")))
-                a = a * cw
-            num += tl.dot(a, v, input_precision=PREC)
-            den += tl.sum(a, 1)
-        rden = 1.0 / tl.maximum(den, eps)
-        g = do * rden[:, None]  # [BLOCK_T, BLOCK_DV]
-        # the clamp passes no gradient to den where it is active
-        hh = tl.where(den >= eps, -tl.sum(g * num, 1) * rden, 0.0)  # [BLOCK_T]
-        dpq = tl.dot(g, tl.trans(st), input_precision=PREC) + hh[:, None] * z[None, :]  # [BLOCK_T, BLOCK_F]
-        if RUN_MAX:
-            dpq = dpq * sc[:, None]
-        if CAUSAL:
             mm = tl.where(causal, tl.dot(g, tl.trans(v), input_precision=PREC) + hh[:, None], 0.0)
             if RUN_MAX:
-                mm = mm * cw
+                mm = mm * tl.exp(tl.where(causal, r[None, :] - mi[:, None], float("-inf")))
             dpq += tl.dot(mm, pk, input_precision=PREC)
             if RUN_MAX:
                 mnew = _load_m(MR, bhkv, T, tl.minimum(c * BLOCK_T + BLOCK_T, T) - 1)
@@ -326,19 +354,14 @@ def _feature_attention_bwd_kernel_dq(
             else:
                 st += tl.dot(tl.trans(pk), v, input_precision=PREC)
                 z += tl.sum(pk, 0)
-        dq = _phi_bwd(q, w, row_mask, offs_f, dpq, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
-        tl.store(
-            DQ + bh * T * D + rows[:, None] * D + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty),
-            mask=row_mask[:, None] & (offs_d < D)[None, :],
-        )
-        tl.store(HH + bh * T + rows, hh, mask=row_mask)
-        tl.store(RDEN + bh * T + rows, rden, mask=row_mask)
+        dq = _phi_bwd(q, w, row_mask, offs_f, dpq, qs, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
+        tl.store(PDQ + (pid_f * n_bh + bh) * T * D + rows[:, None] * D + offs_d[None, :], dq,
+                 mask=row_mask[:, None] & (offs_d < D)[None, :])  # fmt: skip
 
 
 @triton.jit
 def _feature_attention_bwd_kernel_state(
-    Q, W, MR, DO, HH, RDEN, R, RZ,
+    Q, W, QS, MR, DO, HH, RDEN, R, RZ,
     H, HKV, T, x_scale, inv_sqrt_m, CPS,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, IS_TRIG: tl.constexpr,
     RUN_MAX: tl.constexpr,
@@ -347,14 +370,16 @@ def _feature_attention_bwd_kernel_state(
 ):  # fmt: skip
     pid_s = tl.program_id(0).to(tl.int64)
     bhkv = tl.program_id(1).to(tl.int64)
+    pid_f = tl.program_id(2).to(tl.int64)
     n_bhkv = tl.num_programs(1)
+    f_pad = tl.num_programs(2) * BLOCK_F
     b = bhkv // HKV
     hkv = bhkv % HKV
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_f = tl.arange(0, BLOCK_F)
-    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    w = _w_chunk(W, offs_d, offs_f, f_pad)
     rs = tl.zeros([BLOCK_F, BLOCK_DV], dtype=tl.float32)
     rz = tl.zeros([BLOCK_F], dtype=tl.float32)
     lo = pid_s * CPS
@@ -373,20 +398,21 @@ def _feature_attention_bwd_kernel_state(
         for g_idx in range(GROUP):
             bh = b * H + hkv * GROUP + g_idx
             q = _load_rows(Q + bh * T * D, rows, row_mask, offs_d, D)
-            pq = _phi_fwd(q, w, row_mask, offs_f, 0.0, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
+            qs = tl.load(QS + bh * T + rows, mask=row_mask, other=0.0)
+            pq = _phi_fwd(q, w, row_mask, offs_f, qs, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
             do = _load_rows(DO + bh * T * DV, rows, row_mask, offs_dv, DV)
             rden = tl.load(RDEN + bh * T + rows, mask=row_mask, other=0.0)
             hh = tl.load(HH + bh * T + rows, mask=row_mask, other=0.0)
             rs += tl.dot(tl.trans(pq), do * (rden * wq)[:, None], input_precision=PREC)
             rz += tl.sum(pq * (hh * wq)[:, None], 0)
     idx = pid_s * n_bhkv + bhkv
-    tl.store(R + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :], rs)
-    tl.store(RZ + idx * BLOCK_F + offs_f, rz)
+    tl.store(R + idx * f_pad * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :], rs)
+    tl.store(RZ + idx * f_pad + offs_f, rz)
 
 
 @triton.jit
 def _feature_attention_bwd_kernel_dkv(
-    Q, K, V, W, GMAX, RK, MR, R, RZ, DO, HH, RDEN, DK, DV_,
+    Q, K, V, W, QS, GMAX, RK, MR, R, RZ, DO, HH, RDEN, PDK, PDV,
     H, HKV, T, x_scale, inv_sqrt_m, CPS,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
     IS_TRIG: tl.constexpr, CAUSAL: tl.constexpr, RUN_MAX: tl.constexpr,
@@ -395,21 +421,23 @@ def _feature_attention_bwd_kernel_dkv(
 ):  # fmt: skip
     pid_s = tl.program_id(0).to(tl.int64)
     bhkv = tl.program_id(1).to(tl.int64)
+    pid_f = tl.program_id(2).to(tl.int64)
+    n_bhkv = tl.num_programs(1)
+    f_pad = tl.num_programs(2) * BLOCK_F
     b = bhkv // HKV
     hkv = bhkv % HKV
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_f = tl.arange(0, BLOCK_F)
-    w = tl.load(W + offs_d[:, None] * BLOCK_F + offs_f[None, :])
-    stab = tl.load(GMAX + bhkv)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    w = _w_chunk(W, offs_d, offs_f, f_pad)
     # causal: the exclusive suffix state (later segments); bidirectional: the total
     if CAUSAL:
-        idx = pid_s * tl.num_programs(1) + bhkv
+        idx = pid_s * n_bhkv + bhkv
     else:
         idx = bhkv
-    rs = tl.load(R + idx * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :])  # [BLOCK_F, BLOCK_DV]
-    rz = tl.load(RZ + idx * BLOCK_F + offs_f)  # [BLOCK_F]
+    rs = tl.load(R + idx * f_pad * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_dv[None, :])  # [BLOCK_F, BLOCK_DV]
+    rz = tl.load(RZ + idx * f_pad + offs_f)  # [BLOCK_F]
     k_base = K + bhkv * T * D
     v_base = V + bhkv * T * DV
     lo = pid_s * CPS
@@ -424,7 +452,8 @@ def _feature_attention_bwd_kernel_dkv(
         row_mask = rows < T
         k = _load_rows(k_base, rows, row_mask, offs_d, D)
         v = _load_rows(v_base, rows, row_mask, offs_dv, DV)  # [BLOCK_T, BLOCK_DV]
-        pk = _phi_fwd(k, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
+        kstab = _key_stab(GMAX, RK, bhkv, T, rows, row_mask, RUN_MAX, BLOCK_T)
+        pk = _phi_fwd(k, w, row_mask, offs_f, kstab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
         dpk = tl.dot(v, tl.trans(rs), input_precision=PREC) + rz[None, :]  # [BLOCK_T, BLOCK_F]
         dv = tl.dot(pk, rs, input_precision=PREC)  # [BLOCK_T, BLOCK_DV]
         if RUN_MAX:
@@ -448,7 +477,8 @@ def _feature_attention_bwd_kernel_dkv(
             for g_idx in range(GROUP):
                 bh = b * H + hkv * GROUP + g_idx
                 q = _load_rows(Q + bh * T * D, rows, row_mask, offs_d, D)
-                pq = _phi_fwd(q, w, row_mask, offs_f, stab, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
+                qs = tl.load(QS + bh * T + rows, mask=row_mask, other=0.0)
+                pq = _phi_fwd(q, w, row_mask, offs_f, qs, x_scale, inv_sqrt_m, M, IS_TRIG, True, PREC)
                 do = _load_rows(DO + bh * T * DV, rows, row_mask, offs_dv, DV)
                 rden = tl.load(RDEN + bh * T + rows, mask=row_mask, other=0.0)
                 hh = tl.load(HH + bh * T + rows, mask=row_mask, other=0.0)
@@ -467,17 +497,12 @@ def _feature_attention_bwd_kernel_dkv(
                 dv += tl.dot(tl.trans(a), g, input_precision=PREC)
                 rs += tl.dot(tl.trans(pq), g_s, input_precision=PREC)
                 rz += tl.sum(pq * hh_s[:, None], 0)
-        dk = _phi_bwd(k, w, row_mask, offs_f, dpk, stab, x_scale, inv_sqrt_m, M, IS_TRIG, RUN_MAX, PREC)
-        tl.store(
-            DK + bhkv * T * D + rows[:, None] * D + offs_d[None, :],
-            dk.to(DK.dtype.element_ty),
-            mask=row_mask[:, None] & (offs_d < D)[None, :],
-        )
-        tl.store(
-            DV_ + bhkv * T * DV + rows[:, None] * DV + offs_dv[None, :],
-            dv.to(DV_.dtype.element_ty),
-            mask=row_mask[:, None] & (offs_dv < DV)[None, :],
-        )
+        dk = _phi_bwd(k, w, row_mask, offs_f, dpk, kstab, x_scale, inv_sqrt_m, M, IS_TRIG, False, PREC)
+        part = pid_f * n_bhkv + bhkv
+        tl.store(PDK + part * T * D + rows[:, None] * D + offs_d[None, :], dk,
+                 mask=row_mask[:, None] & (offs_d < D)[None, :])  # fmt: skip
+        tl.store(PDV + part * T * DV + rows[:, None] * DV + offs_dv[None, :], dv,
+                 mask=row_mask[:, None] & (offs_dv < DV)[None, :])  # fmt: skip
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Tensor, feature_map: str) -> None:
@@ -511,43 +536,60 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-# the feature kernels run when BLOCK_F * max(BLOCK_D, BLOCK_DV) is at most this (e.g. M 64 "softmax" at head
-# dim 128, M 64 "trig" (F = 128) at 64): the state [F, Dv], the projection [D, F] and their transposes are
-# staged through shared memory whole, and larger tiles need more than a block has (sm_80: 240 KiB for "trig"
-# M 64 at D 128, 400+ KiB at M 256; measured with benchmarks/kernel_compile_check.py). Splitting F across
-# programs would lift this (TODO(issue 14 follow-up)); until then backend="auto" runs the torch path there.
+# one feature chunk's tiles are at most BLOCK_F x head dim = this many elements: the state [BLOCK_F, Dv], the
+# projection [D, BLOCK_F] and their transposes are staged through shared memory whole (a whole-F tile needed
+# 240 KiB on sm_80 for "trig" M 64 at D 128, 400+ KiB at M 256; benchmarks/kernel_compile_check.py)
 MAX_TILE = 64 * 128
+# the feature axis runs in chunks of this many features (fewer at head dim 256, to stay within MAX_TILE), one
+# program per chunk; the interpreter uses 32 so that CI splits F already at M 48 ("softmax") / 24 ("trig")
+FEATURE_CHUNK = 64
+INTERPRET_FEATURE_CHUNK = 32
 
 
 def tiles(D: int, DV: int, M: int, is_trig: bool, arch: int = 90) -> dict[str, int] | None:
-    """Block sizes, warps and stages of every feature kernel on sm_<arch>, or None where they cannot fit.
+    """Block sizes, warps and stages of every feature kernel on sm_<arch>, or None past the kernels' limits.
 
+    The F = M ("softmax") or 2M ("trig") features run in chunks of BLOCK_F = 64 (at head dim 256: 32 on sm_90,
+    16 on sm_8x, so a chunk's tiles stay within ``MAX_TILE`` and shared memory), one program per chunk: any M up to ``MAX_FEATURES`` and head dims up to
+    ``MAX_HEAD_DIM`` run. Beyond those (None) ``backend="auto"`` runs the torch path and "triton" raises.
     Chunks of 64 rows (Hopper's ``wgmma`` needs 64), 32 rows on sm_8x once the tiles pass 64 x 64 (shared
-    memory: the dK/dV kernel needs 160 KiB of sm_80's 163 at 64 rows, 104 KiB at 32); one stage (the loop
-    bodies are long and pipelining the chunk loads doubled the shared memory); 4 warps up to a 64 x 64 state,
-    8 beyond. benchmarks/kernel_compile_check.py compiles exactly these for sm_80 and sm_90.
+    memory: the dK/dV kernel needs 160 KiB of sm_80's 163 at 64 rows, 104 KiB at 32) and on every arch at head
+    dim 256 (296 KiB on sm_90 at 64 rows, 144 KiB at 32; those kernels use ``mma.sync``, not ``wgmma``); one
+    stage (the loop bodies are long and pipelining the chunk loads doubled the shared memory); 4 warps up to a
+    64 x 64 state, 8 beyond. benchmarks/kernel_compile_check.py compiles exactly these for sm_80 and sm_90.
     """
-    bd, bdv, bf = _pow2(D), _pow2(DV), _pow2(2 * M if is_trig else M)
-    if interpreting():
-        return dict(BLOCK_T=64, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_F=bf, num_warps=4, num_stages=1)
-    size = bf * max(bd, bdv)
-    if size > MAX_TILE:
+    if max(D, DV) > MAX_HEAD_DIM or M > MAX_FEATURES:
         return None
-    bt = 64 if arch >= 90 or size <= 64 * 64 else 32
+    bd, bdv, n_f = _pow2(D), _pow2(DV), 2 * M if is_trig else M
+    if interpreting():
+        bf = min(_pow2(n_f), INTERPRET_FEATURE_CHUNK)
+        return dict(BLOCK_T=64, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_F=bf, num_warps=4, num_stages=1)
+    wide = max(bd, bdv) > 128
+    bf = min(_pow2(n_f), FEATURE_CHUNK, MAX_TILE // max(bd, bdv))
+    if wide and arch < 90:
+        # the bf16/fp16 bidirectional dK/dV kernel needs 164 KiB of sm_80's 163 at 32 features
+        bf = min(bf, 16)
+    size = bf * max(bd, bdv)
+    # head dim 256: the [BLOCK_T, 256] q/k/v/dO tiles alone outgrow sm_90's 227 KiB at 64 rows (296 KiB)
+    bt = 32 if wide or (arch < 90 and size > 64 * 64) else 64
     return dict(BLOCK_T=bt, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_F=bf, num_warps=4 if bf * bdv <= 64 * 64 else 8,
                 num_stages=1)
 
 
 def fits(D: int, DV: int, M: int, is_trig: bool, device: torch.device) -> bool:
-    """True when the Triton feature kernels run these sizes (always under the interpreter)."""
-    if interpreting() or device.type != "cuda":
-        return True
-    major, minor = torch.cuda.get_device_capability(device)
-    return tiles(D, DV, M, is_trig, 10 * major + minor) is not None
+    """True when the Triton feature kernels run these sizes: head dims <= ``MAX_HEAD_DIM`` and M <= ``MAX_FEATURES``.
+
+    The feature axis is split into chunks (:func:`tiles`), so this no longer depends on M x head dim; larger
+    head dims or feature counts run the torch path under ``backend="auto"``.
+    """
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return tiles(D, DV, M, is_trig, 10 * major + minor) is not None
+    return tiles(D, DV, M, is_trig) is not None
 
 
 class _Plan:
-    """Shapes, block sizes, T segments and the padded fp32 projection shared by forward and backward."""
+    """Shapes, blocks, T segments, feature chunks and the padded fp32 projection shared by forward and backward."""
 
     def __init__(self, q, k, v, W, *, causal, feature_map, scale):
         self.B, self.H, self.T, self.D = q.shape
@@ -567,14 +609,17 @@ class _Plan:
         t = tiles(self.D, self.DV, self.M, self.is_trig, arch)
         if t is None:
             raise ValueError(
-                f"the Triton feature kernels do not fit head dim {self.D}/{self.DV} with {self.M} "
-                f"{feature_map!r} features (BLOCK_F x head dim over {MAX_TILE}); use backend='auto' or 'torch', "
-                "or fewer features"
+                f"the Triton feature kernels take head dims <= {MAX_HEAD_DIM} and at most {MAX_FEATURES} features, "
+                f"got head dim {self.D}/{self.DV} with {self.M} {feature_map!r} features; use backend='auto' or "
+                "'torch'"
             )
         self.BLOCK_D, self.BLOCK_DV, self.BLOCK_F, self.BLOCK_T = t["BLOCK_D"], t["BLOCK_DV"], t["BLOCK_F"], t["BLOCK_T"]
+        # feature chunks: the third grid axis of every kernel but the row max
+        self.n_fc = triton.cdiv(F, self.BLOCK_F)
+        self.F_PAD = self.n_fc * self.BLOCK_F
         w = W.to(device=q.device, dtype=torch.float32)
         w = torch.cat([w, w], dim=1) if self.is_trig else w
-        self.w = torch.zeros(self.BLOCK_D, self.BLOCK_F, device=q.device, dtype=torch.float32)
+        self.w = torch.zeros(self.BLOCK_D, self.F_PAD, device=q.device, dtype=torch.float32)
         self.w[: self.D, :F] = w
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
         n_blocks = triton.cdiv(self.T, self.BLOCK_T)
@@ -582,8 +627,9 @@ class _Plan:
             # two chunks per segment, so CI covers both the in-program scan and the segment prefix sums
             self.cps = 2
         else:
+            # the feature chunks already multiply the programs
             sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            splits = max(1, min(n_blocks, (4 * sms) // (self.B * self.H)))
+            splits = max(1, min(n_blocks, (4 * sms) // (self.B * self.H * self.n_fc)))
             self.cps = triton.cdiv(n_blocks, splits)
         self.n_split = triton.cdiv(n_blocks, self.cps)
         self.num_warps, self.num_stages = t["num_warps"], t["num_stages"]
@@ -597,26 +643,35 @@ class _Plan:
         )  # fmt: skip
 
 
-def _key_max(k: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The "softmax" map's key stabilisers: (global max [B * Hkv], per-key max r, running max m [B * Hkv, T]).
+def _row_max(x: torch.Tensor, plan: _Plan, is_key: bool) -> torch.Tensor:
+    """Per row of x [B, H', T, D]: max over all features of x'W (minus |x'|^2 / 2 for keys), [B * H', T] fp32."""
+    n_rows = x.shape[0] * x.shape[1]
+    out = torch.empty(n_rows, plan.T, device=x.device, dtype=torch.float32)
+    _feature_row_max_kernel[(triton.cdiv(plan.T, plan.BLOCK_T), n_rows)](
+        x, plan.w, out, plan.T, plan.x_scale, plan.n_fc, D=plan.D, M=plan.M, IS_KEY=is_key, BLOCK_T=plan.BLOCK_T,
+        BLOCK_D=plan.BLOCK_D, BLOCK_F=plan.BLOCK_F, PREC=plan.prec, num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+    )  # fmt: skip
+    return out
 
-    Bidirectional uses the global max (zeros for "trig", which needs none). Causal "softmax" uses r and
-    m = cummax(r): query i only sees keys <= i, so its stabiliser must not depend on later keys.
+
+def _stabilisers(q: torch.Tensor, k: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, ...]:
+    """The "softmax" map's stabilisers, each a max over all feature chunks (detached, they cancel in the ratio).
+
+    Returns (query max [B * H, T], global key max [B * Hkv], per-key max r and running max m [B * Hkv, T]).
+    Bidirectional uses the global key max; causal uses r and m = cummax(r): query i only sees keys <= i, so
+    its stabiliser must not depend on later keys. "trig" needs none (zeros).
     """
     n_kv = plan.B * plan.HKV
     if plan.is_trig:
         zero = torch.zeros(n_kv, device=k.device, dtype=torch.float32)
-        return zero, zero, zero
-    n_t = triton.cdiv(plan.T, plan.BLOCK_T)
-    pmax = torch.empty(n_kv, plan.T, device=k.device, dtype=torch.float32)
-    _feature_key_max_kernel[(n_t, n_kv)](
-        k, plan.w, pmax, plan.T, plan.x_scale, D=plan.D, M=plan.M, BLOCK_T=plan.BLOCK_T, BLOCK_D=plan.BLOCK_D,
-        BLOCK_F=plan.BLOCK_F, PREC=plan.prec, num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )  # fmt: skip
+        return torch.zeros(plan.B * plan.H, plan.T, device=q.device, dtype=torch.float32), zero, zero, zero
+    qs = _row_max(q, plan, is_key=False)
+    r = _row_max(k, plan, is_key=True)
     if plan.run_max:
-        return pmax[:, 0].contiguous(), pmax, pmax.cummax(dim=1).values.contiguous()
-    gmax = pmax.amax(dim=1)
-    return gmax, gmax, gmax
+        return qs, r[:, 0].contiguous(), r, r.cummax(dim=1).values.contiguous()
+    gmax = r.amax(dim=1)
+    return qs, gmax, gmax, gmax
 
 
 def _prefix_rebased(part: torch.Tensor, m: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -664,7 +719,7 @@ def _segment_scan(x: torch.Tensor, causal: bool, reverse: bool) -> torch.Tensor:
 
 def feature_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernels.
 
     Args:
@@ -674,16 +729,17 @@ def feature_attention_fwd(
         plan: shapes, blocks and the padded projection (:class:`_Plan`).
 
     Returns:
-        tuple: o [B, H, T, Dv] (q's dtype), the key stabilisers (global [B * Hkv], per-key r and running m
-        [B * Hkv, T]), and the states the output pass read: S [n, B * Hkv, F', Dv'] and z [n, B * Hkv, F']
-        (n = 1 bidirectional, n_split causal; padded, fp32).
+        tuple: o [B, H, T, Dv] (q's dtype), o in fp32, the stabilisers (:func:`_stabilisers`), the states the
+        output pass read: S [n, B * Hkv, F_PAD, Dv'] and z [n, B * Hkv, F_PAD] (n = 1 bidirectional, n_split
+        causal; padded, fp32), and the normaliser den [B, H, T] (fp32, before the clamp).
     """
     p = plan
-    gmax, rk, mr = _key_max(k, p)
+    stabs = _stabilisers(q, k, p)
+    qs, gmax, rk, mr = stabs
     n_kv = p.B * p.HKV
-    s_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, p.BLOCK_DV, device=q.device, dtype=torch.float32)
-    z_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, device=q.device, dtype=torch.float32)
-    _feature_attention_fwd_kernel_state[(p.n_split, n_kv)](
+    s_part = torch.empty(p.n_split, n_kv, p.F_PAD, p.BLOCK_DV, device=q.device, dtype=torch.float32)
+    z_part = torch.empty(p.n_split, n_kv, p.F_PAD, device=q.device, dtype=torch.float32)
+    _feature_attention_fwd_kernel_state[(p.n_split, n_kv, p.n_fc)](
         k, v, p.w, gmax, rk, mr, s_part, z_part, p.T, p.x_scale, p.inv_sqrt_m, p.cps, RUN_MAX=p.run_max,
         **p.meta()
     )
@@ -693,16 +749,20 @@ def feature_attention_fwd(
     else:
         s_state = _segment_scan(s_part, p.causal, reverse=False).contiguous()
         z_state = _segment_scan(z_part, p.causal, reverse=False).contiguous()
-    o = torch.empty(p.B, p.H, p.T, p.DV, device=q.device, dtype=q.dtype)
+    # per feature chunk: partial numerators and denominators, summed here (deterministic, no atomics)
+    num = torch.empty(p.n_fc, p.B, p.H, p.T, p.DV, device=q.device, dtype=torch.float32)
+    den = torch.empty(p.n_fc, p.B, p.H, p.T, device=q.device, dtype=torch.float32)
     # bidirectional chunks are independent: one program per chunk
     cps = p.cps if p.causal else 1
     n_prog = p.n_split if p.causal else triton.cdiv(p.T, p.BLOCK_T)
-    _feature_attention_fwd_kernel[(n_prog, p.B * p.H)](
-        q, k, v, p.w, gmax, rk, mr, s_state, z_state, o,
-        p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, EPS, cps,
+    _feature_attention_fwd_kernel[(n_prog, p.B * p.H, p.n_fc)](
+        q, k, v, p.w, qs, gmax, rk, mr, s_state, z_state, num, den,
+        p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, cps,
         GROUP=p.H // p.HKV, CAUSAL=p.causal, RUN_MAX=p.run_max, **p.meta(),
     )  # fmt: skip
-    return o, (gmax, rk, mr), s_state, z_state
+    num, den = num.sum(0), den.sum(0)
+    o32 = num / den.clamp_min(EPS).unsqueeze(-1)
+    return o32.to(q.dtype), o32, stabs, s_state, z_state, den
 
 
 def feature_attention_bwd(
@@ -710,40 +770,44 @@ def feature_attention_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    stabs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    o32: torch.Tensor,
+    den: torch.Tensor,
+    stabs: tuple[torch.Tensor, ...],
     s_state: torch.Tensor,
     z_state: torch.Tensor,
     plan: _Plan,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels (dq with h and 1/den, the R/r states, then dk/dv).
+    """Launch the backward kernels (dq, the R/r states, then dk/dv), each per feature chunk.
 
     Args:
         do (torch.Tensor): [B, H, T, Dv] contiguous upstream gradient.
         q, k, v (torch.Tensor): the contiguous forward inputs.
-        stabs, s_state, z_state: from :func:`feature_attention_fwd`.
+        o32, den, stabs, s_state, z_state: from :func:`feature_attention_fwd`.
         plan: the forward's :class:`_Plan`.
 
     Returns:
         tuple: dq [B, H, T, D], dk [B, Hkv, T, D], dv [B, Hkv, T, Dv] in the input dtype.
     """
     p = plan
-    gmax, rk, mr = stabs
+    qs, gmax, rk, mr = stabs
     n_kv = p.B * p.HKV
     group = p.H // p.HKV
     cps = p.cps if p.causal else 1
     n_prog = p.n_split if p.causal else triton.cdiv(p.T, p.BLOCK_T)
-    dq = torch.empty_like(q)
-    hh = torch.empty(p.B, p.H, p.T, device=q.device, dtype=torch.float32)
-    rden = torch.empty(p.B, p.H, p.T, device=q.device, dtype=torch.float32)
-    _feature_attention_bwd_kernel_dq[(n_prog, p.B * p.H)](
-        q, k, v, p.w, gmax, rk, mr, s_state, z_state, do, dq, hh, rden,
-        p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, EPS, cps,
+    # g = dO / den and h = -(dO . o) / den; the clamp passes no gradient to den where it is active
+    rden = 1.0 / den.clamp_min(EPS)
+    hh = torch.where(den >= EPS, -(do.float() * o32).sum(-1) * rden, 0.0).contiguous()
+    # per feature chunk: partial gradients (each chunk's share of dx is linear in it), summed here
+    dq = torch.empty(p.n_fc, *q.shape, device=q.device, dtype=torch.float32)
+    _feature_attention_bwd_kernel_dq[(n_prog, p.B * p.H, p.n_fc)](
+        q, k, v, p.w, qs, gmax, rk, mr, s_state, z_state, do, hh, rden, dq,
+        p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, cps,
         GROUP=group, CAUSAL=p.causal, RUN_MAX=p.run_max, **p.meta(),
     )  # fmt: skip
-    r_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, p.BLOCK_DV, device=q.device, dtype=torch.float32)
-    rz_part = torch.empty(p.n_split, n_kv, p.BLOCK_F, device=q.device, dtype=torch.float32)
-    _feature_attention_bwd_kernel_state[(p.n_split, n_kv)](
-        q, p.w, mr, do, hh, rden, r_part, rz_part, p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, p.cps,
+    r_part = torch.empty(p.n_split, n_kv, p.F_PAD, p.BLOCK_DV, device=q.device, dtype=torch.float32)
+    rz_part = torch.empty(p.n_split, n_kv, p.F_PAD, device=q.device, dtype=torch.float32)
+    _feature_attention_bwd_kernel_state[(p.n_split, n_kv, p.n_fc)](
+        q, p.w, qs, mr, do, hh, rden, r_part, rz_part, p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, p.cps,
         GROUP=group, RUN_MAX=p.run_max, **p.meta(),
     )  # fmt: skip
     if p.run_max:
@@ -752,33 +816,35 @@ def feature_attention_bwd(
     else:
         r_state = _segment_scan(r_part, p.causal, reverse=True).contiguous()
         rz_state = _segment_scan(rz_part, p.causal, reverse=True).contiguous()
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    _feature_attention_bwd_kernel_dkv[(n_prog if p.causal else triton.cdiv(p.T, p.BLOCK_T), n_kv)](
-        q, k, v, p.w, gmax, rk, mr, r_state, rz_state, do, hh, rden, dk, dv,
+    dk = torch.empty(p.n_fc, *k.shape, device=q.device, dtype=torch.float32)
+    dv = torch.empty(p.n_fc, *v.shape, device=q.device, dtype=torch.float32)
+    _feature_attention_bwd_kernel_dkv[(n_prog, n_kv, p.n_fc)](
+        q, k, v, p.w, qs, gmax, rk, mr, r_state, rz_state, do, hh, rden, dk, dv,
         p.H, p.HKV, p.T, p.x_scale, p.inv_sqrt_m, cps,
         GROUP=group, CAUSAL=p.causal, RUN_MAX=p.run_max, **p.meta(),
     )  # fmt: skip
-    return dq, dk, dv
+    return dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
 
 
 class FeatureAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: saves q, k, v, the stabiliser and the small states; backward recomputes features."""
+    """Autograd wrapper: saves q, k, v, o (fp32), den, the stabilisers and the small states; backward recomputes
+    the features."""
 
     @staticmethod
     def forward(ctx, q, k, v, W, causal: bool, feature_map: str, scale: float | None):
         _check_inputs(q, k, v, W, feature_map)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         plan = _Plan(q, k, v, W, causal=causal, feature_map=feature_map, scale=scale)
-        o, (gmax, rk, mr), s_state, z_state = feature_attention_fwd(q, k, v, plan)
-        ctx.save_for_backward(q, k, v, gmax, rk, mr, s_state, z_state)
+        o, o32, stabs, s_state, z_state, den = feature_attention_fwd(q, k, v, plan)
+        ctx.save_for_backward(q, k, v, o32, den, *stabs, s_state, z_state)
         ctx.plan = plan
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, gmax, rk, mr, s_state, z_state = ctx.saved_tensors
-        dq, dk, dv = feature_attention_bwd(do.contiguous(), q, k, v, (gmax, rk, mr), s_state, z_state, ctx.plan)
+        q, k, v, o32, den, qs, gmax, rk, mr, s_state, z_state = ctx.saved_tensors
+        dq, dk, dv = feature_attention_bwd(do.contiguous(), q, k, v, o32, den, (qs, gmax, rk, mr), s_state, z_state,
+                                           ctx.plan)  # fmt: skip
         return dq, dk, dv, None, None, None, None
 
 

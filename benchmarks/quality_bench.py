@@ -74,7 +74,7 @@ SIZES = {
     # 4-layer/1-layer gap was 0.025-0.066 nats, too small to judge.)
     "depth": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, seq_len=128,
                   batch_size=16, total_steps=1600, fresh_data=True, finetune_steps=100, clm_steps=50, lr=3e-3,
-                  warmup=100, eval_seq=256, log_interval=20),
+                  warmup=100, eval_seq=256, log_interval=20, stage_residual_init_depth=1),
     "gpu": dict(vocab_size=4096, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, seq_len=128,
                 batch_size=32, steps=1500, finetune_steps=300, clm_steps=300, lr=2e-3, eval_seq=1024,
                 log_interval=25),
@@ -123,6 +123,13 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
     "lw_ghead": dict(_lw(**{"train.global_head": 1}), stage_layers_delta=-1),
     "lw_ghead_plus": _lw(**{"train.global_head": 1}),
     "lw_ghead_drop": _lw(**{"train.global_head": 1, "train.global_head_fusion": "drop"}),
+    # the joint diffusion fine-tune after fusion inside the same total (1/8 or 1/4 of the steps), alone and after
+    # overlapping stages
+    "lw_ft": dict(_lw(), ft_share=0.125),
+    "lw_ft25": dict(_lw(), ft_share=0.25),
+    "lw_overlap_ft": dict(_lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5}), ft_share=0.125),
+    "lw_overlap_prev": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,
+                              "train.stage_init_from": "previous"}),
     "lw_overlap_ghead": dict(_lw(**{"train.global_head": 1, "train.stage_overlap": True,
                                     "train.overlap_lr_scale": 0.5}), stage_layers_delta=-1),
 }
@@ -149,10 +156,17 @@ def stage_steps_of(size: str, method: str) -> tuple[int, list[int]]:
         return s["steps"] * (s["n_layers"] if m.get("steps_mult") else 1), []
     if m["kind"] == "e2e":
         return (total if m.get("steps_mult") else total // s["n_layers"]), []
+    total -= ft_steps_of(size, method)  # ft_share: the joint fine-tune's steps come out of the same total
     share = m.get("stage0_share")
     if not share or n_stages == 1:
         return total // n_stages, []
     return total // n_stages, _split(total, n_stages, share)
+
+
+def ft_steps_of(size: str, method: str) -> int:
+    """Steps of the in-budget joint diffusion fine-tune after fusion (``ft_share`` of ``total_steps``; 0: none)."""
+    s, m = SIZES[size], METHODS[method]
+    return round(m.get("ft_share", 0.0) * s["total_steps"]) if s.get("total_steps") else 0
 
 
 def _split(total: int, n_stages: int, share: float) -> list[int]:
@@ -189,8 +203,12 @@ def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
     overrides = dict(m.get("overrides", {}))
     if split:
         overrides["train.stage_steps"] = json.dumps(split)
+    if ft_steps_of(size, method):
+        overrides["train.finetune_steps"] = ft_steps_of(size, method)
     if s.get("fresh_data") and m["kind"] == "stages":
         overrides["train.stage_data"] = "continue"
+    if s.get("stage_residual_init_depth") and m["kind"] == "stages":
+        overrides.setdefault("model.residual_init_depth", s["stage_residual_init_depth"])
     over = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()] + EXTRA_OVERRIDES
     return config_from_dict(tree, [o.replace("True", "true").replace("False", "false") for o in over])
 
@@ -282,6 +300,14 @@ def run_unit(spec: dict) -> dict:
         final = _train_stages(cfg)
         stage_val, curve = _stage_records(out_dir, cfg)
         row["tokens_total"] = sum(cfg.train.stage_steps or [cfg.train.max_steps] * n_groups) * tok
+        if ft_steps_of(size, method):  # ft_share: joint diffusion fine-tune inside the same total
+            from stackwise.engine.report import read_metrics
+
+            fine_tune(qe.replace_cfg(cfg, train={"checkpoint": final}), "diffusion")
+            final = RunDir(cfg).finetuned("diffusion")
+            off = curve[-1][0] if curve else 0
+            curve += [(off + r["step"] * tok, r["loss"]) for r in read_metrics(out_dir) if r.get("kind") == "finetune"]
+            row["tokens_total"] += cfg.train.finetune_steps * tok
     row["wall_s"], row["cpu_s"] = time.time() - t0, time.process_time() - c0
     if device == "cuda":
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -128,6 +128,11 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
     "lw_ft": dict(_lw(), ft_share=0.125),
     "lw_ft25": dict(_lw(), ft_share=0.25),
     "lw_overlap_ft": dict(_lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5}), ft_share=0.125),
+    # wider overlap windows: stage k retrains layers k-2..k-1, or every earlier layer (progressive growth: the last
+    # stage holds the whole model)
+    "lw_overlap2": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5, "train.overlap_layers": 2}),
+    "lw_grow": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5, "train.overlap_layers": 64}),
+    "lw_grow1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 64}),
     "lw_overlap_prev": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,
                               "train.stage_init_from": "previous"}),
     "lw_overlap_ghead": dict(_lw(**{"train.global_head": 1, "train.stage_overlap": True,

@@ -68,14 +68,14 @@ def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
     else:
         K = method.get("layers_per_stage", 1)
         trains_head = method.get("overrides", {}).get("train.stage_trains_head", True)
-        overlap = 1 if t.stage_overlap else 0  # train.stage_overlap: one more trained (and re-cached) layer
+        overlap = t.overlap_layers if t.stage_overlap else 0  # train.stage_overlap: retrained (re-cached) layers
         top = t.global_head  # train.global_head: blocks trained in every stage (not cached)
         steps = t.stage_steps or [t.max_steps] * (m.n_layers // K)
         unit = t.batch_size * t.grad_accum * cfg.data.seq_len
         total = 0.0
         for i, first in enumerate(range(0, m.n_layers, K)):
             th = first == 0 or trains_head
-            extra = overlap if first > 0 else 0
+            extra = min(overlap, first)
             one = plan_stage(cfg, layer=first, train_head=th, **kw).flops_per_token
             total += (one + (K - 1 + extra + top) * layer) * steps[i] * unit
             # the stage's outputs on every train view are cached (forward of its layers)
@@ -92,7 +92,9 @@ def planned_peak_bytes(cfg, method: dict, *, device: str) -> float:
     if method["kind"] == "e2e":
         return e2e
     K = method.get("layers_per_stage", 1)
-    held = K + (1 if cfg.train.stage_overlap else 0) + cfg.train.global_head  # overlap: +1 layer; global head: +g
+    # overlap: + the retrained earlier layers; global head: + its blocks
+    held = K + (min(cfg.train.overlap_layers, cfg.model.n_layers - K) if cfg.train.stage_overlap else 0) \
+        + cfg.train.global_head
     th = method.get("overrides", {}).get("train.stage_trains_head", True)
     # a stage holds ``held`` layers' activations and state; plan_stage models one layer, so scale its layer part
     one = max(plan_stage(cfg, layer=f, train_head=f == 0 or th, **kw).total for f in range(0, cfg.model.n_layers, K))

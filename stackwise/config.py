@@ -168,7 +168,11 @@ class TrainConfig:
     stage_overlap: bool = False
     """Stage k also trains layer k-1 (input: layer k-2's cache), whose file and cache it rewrites (off)."""
     overlap_lr_scale: float = 0.5
-    """With stage_overlap, layer k-1's learning rate as a multiple of the stage's scheduled lr."""
+    """With stage_overlap, the retrained earlier layers' learning rate as a multiple of the stage's scheduled lr."""
+    overlap_layers: int = 1
+    """With stage_overlap, how many earlier layers a stage retrains: 1 = layer k-1 (input: layer k-2's cache);
+    w = layers k-w..k-1 (input: layer k-w-1's cache); >= model.n_layers = all of them (progressive growth, the
+    last stage then holds the whole model)."""
     global_head: int = 0
     """A trainable top carried through every stage (SegProp-style global head): this many extra blocks between
     each stage's layers and the output head, trained in every stage with the head (0 = off). Stored with the head
@@ -219,6 +223,7 @@ class TrainConfig:
             _in_range(f"train.stage_steps[{i}]", n, 1)
         _in_range("train.overlap_lr_scale", self.overlap_lr_scale, 0.0, lo_open=True)
         _one_of("train.stage_data", self.stage_data, ("repeat", "continue"))
+        _in_range("train.overlap_layers", self.overlap_layers, 1)
         _in_range("train.global_head", self.global_head, 0)
         _one_of("train.global_head_fusion", self.global_head_fusion, ("keep", "drop"))
         if self.stage_init_from != "none" and self.stage_zero_init:

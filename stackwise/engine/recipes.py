@@ -113,48 +113,51 @@ def stage_model_config(cfg):
 
 
 def overlap_layers(cfg, layers: list[int]) -> list[int]:
-    """The layers a stage runs and trains: ``layers``, plus layer first-1 under ``train.stage_overlap`` (first > 0)."""
+    """The layers a stage runs and trains: ``layers``, plus the ``train.overlap_layers`` layers before them under
+    ``train.stage_overlap`` (as many as exist)."""
     layers = list(layers)
-    if not cfg.train.stage_overlap or layers[0] == 0:
+    if not cfg.train.stage_overlap:
         return layers
-    return [layers[0] - 1] + layers
+    start = max(0, layers[0] - cfg.train.overlap_layers)
+    return list(range(start, layers[0])) + layers
 
 
 def overlap_lr_scale(cfg, layers: list[int], model) -> dict[str, float]:
-    """{parameter name: train.overlap_lr_scale} for the overlapped (earlier) layer of the stage; empty when off."""
+    """{parameter name: train.overlap_lr_scale} for the overlapped (earlier) layers of the stage; empty when off."""
     run = overlap_layers(cfg, layers)
-    if len(run) == len(layers):
+    earlier = run[:len(run) - len(layers)]
+    if not earlier:
         return {}
-    pre = f"layers.{run[0]}."
-    names = {n: cfg.train.overlap_lr_scale for n, _ in model.named_parameters() if n.startswith(pre)}
-    if run[0] == 0 and not cfg.model.tie_embeddings:
+    pres = tuple(f"layers.{k}." for k in earlier)
+    names = {n: cfg.train.overlap_lr_scale for n, _ in model.named_parameters() if n.startswith(pres)}
+    if earlier[0] == 0 and not cfg.model.tie_embeddings:
         names["tok_embeddings.weight"] = cfg.train.overlap_lr_scale  # the input embeddings belong to layer 0's file
     return names
 
 
 def load_overlapped(model, cfg, load_layer, layers: list[int]) -> None:
-    """Load the overlapped layer's trained weights (and the input embeddings when it is layer 0) into ``model``."""
+    """Load the overlapped layers' trained weights (and the input embeddings when layer 0 is one) into ``model``."""
     run = overlap_layers(cfg, layers)
-    if len(run) == len(layers):
-        return
-    k = run[0]
-    tensors = load_layer(k)
     own = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in tensors.items():
-            embed = name == "tok_embeddings.weight" and not cfg.model.tie_embeddings
-            if name.startswith(f"layers.{k}.") or embed:
-                if name not in own:  # a frozen seeded projection is not stored; anything else must fit
-                    raise ValueError(f"train.stage_overlap: {name} of layer {k}'s file has no place in the stage")
-                own[name].copy_(t.to(own[name].dtype))
+    for k in run[:len(run) - len(layers)]:
+        tensors = load_layer(k)
+        with torch.no_grad():
+            for name, t in tensors.items():
+                embed = name == "tok_embeddings.weight" and not cfg.model.tie_embeddings
+                if name.startswith(f"layers.{k}.") or embed:
+                    if name not in own:  # a frozen seeded projection is not stored; anything else must fit
+                        raise ValueError(f"train.stage_overlap: {name} of layer {k}'s file has no place in the stage")
+                    own[name].copy_(t.to(own[name].dtype))
 
 
 def cache_overlapped(model, run, layers: list[int], device, cfg, env, cache_outputs) -> None:
-    """Rewrite the overlapped layer's cache, then write the stage's own; drop the one before under cache_keep=last."""
+    """Rewrite the overlapped layers' caches in order, then write the stage's own; drop the one before the first
+    overlapped layer under cache_keep=last (the next stage reads from the first overlapped layer's cache on)."""
     ran = overlap_layers(cfg, layers)
     keep_all = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, cache_keep="all"))
-    cache_outputs(model, run, ran[:1], device, keep_all, env)
-    cache_outputs(model, run, ran[1:], device, keep_all, env)
+    for k in ran[:len(ran) - len(layers)]:
+        cache_outputs(model, run, [k], device, keep_all, env)
+    cache_outputs(model, run, layers, device, keep_all, env)
     if cfg.engine.cache_keep == "last" and ran[0] > 0 and env.is_main:
         shutil.rmtree(os.path.dirname(run.acts(ran[0] - 1, "val")), ignore_errors=True)
 

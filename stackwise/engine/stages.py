@@ -211,7 +211,7 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
         _rebuild_missing_cache(cfg, run, layer, env)
     if layer > 0:
         require_acts(run, layer - 1)
-    # issue-13 hook: train.stage_overlap runs (and trains) layer k-1 too, on layer k-2's outputs (ids for k-1 = 0)
+    # issue-13 hook: train.stage_overlap runs (and trains) layers k-w..k-1 too, on layer k-w-1's outputs (ids at 0)
     ran = overlap_layers(cfg, layers)
     if ran[0] > 0 and ran[0] < layer:
         require_acts(run, ran[0] - 1)

@@ -181,3 +181,30 @@ def test_band_supervises_only_in_band_sequences(make_cfg):
     assert obj.in_band(m).tolist() == [False, True, True]
     assert float(obj.normalizer(m)) == 15.0
     torch.testing.assert_close(obj.loss(logits, targets, m), (ce[1, :6].sum() + ce[2, :9].sum()) / 15)
+
+
+def test_overlap_window_retrains_every_earlier_layer(make_cfg, tmp_path):
+    """train.overlap_layers=2: stage 2 of 3 retrains layers 0 and 1 (from the ids), rewrites both caches in order,
+    and the fused model still reproduces the staged outputs."""
+    from stackwise.data.activations import ShardStream
+    from stackwise.engine import checkpoint as ckpt
+    from stackwise.engine import fuse, train_stage
+    from stackwise.engine.rundir import RunDir
+
+    cfg = make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=3", "train.stage_overlap=true",
+                   "train.overlap_layers=2", "model.n_layers=3", "engine.device=cpu", "engine.cache_keep=last",
+                   "train.checkpoint_interval=0", "model.tie_embeddings=false")
+    assert overlap_layers(cfg, [2]) == [0, 1, 2] and overlap_layers(cfg, [1]) == [0, 1]
+    run = RunDir(cfg)
+    train_stage(cfg, 0)
+    train_stage(cfg, 1)
+    before = {k: ckpt.load_tensors(run.layer_ckpt(k))[0] for k in (0, 1)}
+    train_stage(cfg, 2)
+    after = {k: ckpt.load_tensors(run.layer_ckpt(k))[0] for k in (0, 1)}
+    for k in (0, 1):
+        assert not torch.equal(after[k][f"layers.{k}.attn.q_proj.weight"], before[k][f"layers.{k}.attn.q_proj.weight"])
+    ids = next(iter(ShardStream(run.views("val"), None, 4, shuffle=False)))["x"]
+    for k in (0, 1):
+        views = next(iter(ShardStream(run.views("val"), run.acts(k, "val"), 4, shuffle=False)))
+        torch.testing.assert_close(views["x"], _layer_out(cfg, run, k, ids), rtol=1e-5, atol=1e-5)
+    fuse(cfg)

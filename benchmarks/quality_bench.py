@@ -74,7 +74,7 @@ SIZES = {
     # 4-layer/1-layer gap was 0.025-0.066 nats, too small to judge.)
     "depth": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, seq_len=128,
                   batch_size=16, total_steps=1600, fresh_data=True, finetune_steps=100, clm_steps=50, lr=3e-3,
-                  warmup=100, eval_seq=256, log_interval=20, stage_residual_init_depth=1),
+                  warmup=100, eval_seq=256, log_interval=20),
     "gpu": dict(vocab_size=4096, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, seq_len=128,
                 batch_size=32, steps=1500, finetune_steps=300, clm_steps=300, lr=2e-3, eval_seq=1024,
                 log_interval=25),
@@ -131,6 +131,9 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
     # wider overlap windows: stage k retrains layers k-2..k-1, or every earlier layer (progressive growth: the last
     # stage holds the whole model)
     "lw_overlap2": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5, "train.overlap_layers": 2}),
+    "lw_overlap2_1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 2}),
+    "lw_overlap2_split": _lw(0.4375, **{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,
+                                        "train.overlap_layers": 2}),
     "lw_grow": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5, "train.overlap_layers": 64}),
     "lw_grow1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 64}),
     "lw_overlap_prev": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,
@@ -212,8 +215,6 @@ def build_cfg(size: str, method: str, seed: int, out_dir: str, device: str):
         overrides["train.finetune_steps"] = ft_steps_of(size, method)
     if s.get("fresh_data") and m["kind"] == "stages":
         overrides["train.stage_data"] = "continue"
-    if s.get("stage_residual_init_depth") and m["kind"] == "stages":
-        overrides.setdefault("model.residual_init_depth", s["stage_residual_init_depth"])
     over = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()] + EXTRA_OVERRIDES
     return config_from_dict(tree, [o.replace("True", "true").replace("False", "false") for o in over])
 

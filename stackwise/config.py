@@ -173,6 +173,11 @@ class TrainConfig:
     """With stage_overlap, how many earlier layers a stage retrains: 1 = layer k-1 (input: layer k-2's cache);
     w = layers k-w..k-1 (input: layer k-w-1's cache); >= model.n_layers = all of them (progressive growth, the
     last stage then holds the whole model)."""
+    stage_residual_init: bool = True
+    """Stages build their layers with the residual output projections (attention o_proj, MLP down) initialised for
+    the depth of one stage (train.layers_per_stage) instead of model.n_layers, unless model.residual_init_depth
+    is set. Off: the n_layers scaling, with which a 4-layer run's stage-0 layer sat on the unigram plateau for all
+    of a 400-step stage (issue 13)."""
     global_head: int = 0
     """A trainable top carried through every stage (SegProp-style global head): this many extra blocks between
     each stage's layers and the output head, trained in every stage with the head (0 = off). Stored with the head

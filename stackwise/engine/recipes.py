@@ -106,10 +106,15 @@ def top_layers(cfg) -> list[int]:
 
 
 def stage_model_config(cfg):
-    """The model config a stage builds: model.n_layers + train.global_head blocks (the global head last)."""
-    if not cfg.train.global_head:
-        return cfg.model
-    return dataclasses.replace(cfg.model, n_layers=cfg.model.n_layers + cfg.train.global_head)
+    """The model config a stage builds: model.n_layers + train.global_head blocks (the global head last), with
+    residual outputs initialised for one stage's depth under train.stage_residual_init (weights that are loaded
+    from files are unaffected: this only sets the starting draw of new layers)."""
+    m = cfg.model
+    if cfg.train.stage_residual_init and not m.residual_init_depth:
+        m = dataclasses.replace(m, residual_init_depth=cfg.train.layers_per_stage)
+    if cfg.train.global_head:
+        m = dataclasses.replace(m, n_layers=m.n_layers + cfg.train.global_head)
+    return m
 
 
 def overlap_layers(cfg, layers: list[int]) -> list[int]:

@@ -141,7 +141,10 @@ def _plan(cfg, kind, *, world_size=1, zero_stage=3, offload_optimizer=False, off
     T = cfg.data.seq_len if seq_len is None else seq_len
     cache_dtype = dtype if cache_dtype is None else cache_dtype
     _check(world_size, zero_stage, dtype, B, T, device, cache_dtype, prefetch_shards)
-    k = min(1, m.n_layers - 1) if layer is None else layer
+    # a stage runs its layer, the train.stage_overlap window before it and the train.global_head blocks (issue 13);
+    # the default layer is the first whose stage holds a full window (the stage peak)
+    w = cfg.train.overlap_layers if cfg.train.stage_overlap else 0
+    k = min(max(1, w), m.n_layers - 1) if layer is None else layer
     if not 0 <= k < m.n_layers:
         raise ValueError(f"layer must be in [0, model.n_layers={m.n_layers}), got {layer!r}")
     s = DTYPE_BYTES[dtype]
@@ -153,11 +156,12 @@ def _plan(cfg, kind, *, world_size=1, zero_stage=3, offload_optimizer=False, off
     buffers = sum(b.numel() * b.element_size() for b in model.buffers() if not b.is_meta)
     largest_layer_tensor = max(p.numel() for p in block.parameters() if p.requires_grad)
     if kind == "stage":
-        n_layers_res = 1
-        trainable = lt + (head_n + (emb_n if k == 0 else 0) if train_head else 0)
-        frozen = lf + (0 if train_head else head_n + (emb_n if k == 0 else 0))
-        mm_train = lt_mm + (m.vocab_size * m.d_model if train_head else 0)
-        mm_frozen = lf_mm + (0 if train_head else m.vocab_size * m.d_model)
+        n_layers_res = 1 + min(w, k) + cfg.train.global_head
+        emb = emb_n if k - min(w, k) == 0 else 0
+        trainable = n_layers_res * lt + (head_n + emb if train_head else 0)
+        frozen = n_layers_res * lf + (0 if train_head else head_n + emb)
+        mm_train = n_layers_res * lt_mm + (m.vocab_size * m.d_model if train_head else 0)
+        mm_frozen = n_layers_res * lf_mm + (0 if train_head else m.vocab_size * m.d_model)
         largest = max(largest_layer_tensor, head_n - m.d_model if train_head else 0)
     else:
         n_layers_res = m.n_layers
@@ -234,7 +238,8 @@ def plan_stage(cfg: StackWiseConfig, *, world_size: int = 1, zero_stage: int = 3
                seq_len: int | None = None, activation_checkpointing: bool = False, train_head: bool = True,
                layer: int | None = None, device: str = "cuda", cache_dtype: str | None = None,
                prefetch_shards: int = 2) -> Plan:
-    """Plan one layer-wise stage: layer ``layer`` (+ final norm and head) trained on cached activations.
+    """Plan one layer-wise stage: layer ``layer`` (+ final norm and head) trained on cached activations, with the
+    ``train.stage_overlap`` window of earlier layers and the ``train.global_head`` blocks it also trains.
 
     Args:
         cfg: the run's config (its model section sets the shapes; micro_batch/seq_len default to
@@ -243,7 +248,8 @@ def plan_stage(cfg: StackWiseConfig, *, world_size: int = 1, zero_stage: int = 3
         dtype: compute dtype: float32, bfloat16 or float16.
         activation_checkpointing: recompute the block in backward.
         train_head: the stage trains the final norm + head (tied with the embeddings when configured).
-        layer: which layer (default 1, or 0 for a one-layer model); stage 0 also embeds token ids.
+        layer: which layer (default 1, or the first layer whose overlap window is full; 0 for a one-layer model);
+            stage 0 also embeds token ids.
         device: "cuda" (Triton/flash attention, fused Adam) or "cpu" (torch SDPA, torch AdamW).
         cache_dtype: dtype of the activation cache (default: dtype). prefetch_shards: shards held in memory.
 

@@ -103,3 +103,17 @@ def test_bad_inputs_name_the_argument(make_cfg, kwargs, name):
 def test_offload_params_needs_zero3(make_cfg):
     with pytest.raises(NotImplementedError, match="zero_stage"):
         plan_end_to_end(make_cfg(), zero_stage=2, offload_params=True)
+
+
+def test_stage_plan_counts_overlap_window_and_global_head(make_cfg):
+    """A stage with train.stage_overlap (window w) and train.global_head g trains 1 + min(w, k) + g blocks."""
+    plain = plan_stage(make_cfg("model.n_layers=4"), layer=2, device="cpu", dtype="float32", zero_stage=0)
+    cfg = make_cfg("model.n_layers=4", "train.stage_overlap=true", "train.overlap_layers=2", "train.global_head=1")
+    wide = plan_stage(cfg, layer=2, device="cpu", dtype="float32", zero_stage=0)
+    head = cfg.model.vocab_size * cfg.model.d_model + cfg.model.d_model
+    per_layer = plain.params["trainable"] - head
+    assert wide.params["trainable"] == 4 * per_layer + head
+    assert wide.total > plain.total and wide.flops_per_token > 3 * plain.flops_per_token / 2
+    assert plan_stage(cfg, device="cpu", dtype="float32", zero_stage=0).settings["layer"] == 2  # full window
+    one = plan_stage(cfg, layer=1, device="cpu", dtype="float32", zero_stage=0)  # window holds layer 0 only
+    assert one.params["trainable"] == 3 * per_layer + head

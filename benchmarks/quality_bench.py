@@ -83,19 +83,29 @@ METHODS = {
     "e2e": {"kind": "e2e"},
     "e2e_long": {"kind": "e2e", "steps_mult": "n_layers"},
     "e2e1_long": {"kind": "e2e", "steps_mult": "n_layers", "model_layers": 1},
+    # the default config (since issue 13: train.stage_overlap with a window of 2 at 1x lr, stage_residual_init)
     "layerwise": {"kind": "stages", "layers_per_stage": 1},
     "layerwise_ft": {"kind": "stages", "layers_per_stage": 1, "finetune": True, "source": "layerwise"},
-    "block2": {"kind": "stages", "layers_per_stage": 2},
-    "block4": {"kind": "stages", "layers_per_stage": 4},
-    "lw_zero_init": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_zero_init": True}},
-    "lw_lr_decay": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_lr_decay": 0.7}},
-    "lw_frozen_head": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_trains_head": False}},
+    # plain one-layer stages (the default before issue 13) and the earlier options on top of them
+    "lw_plain": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_overlap": False}},
+    "block2": {"kind": "stages", "layers_per_stage": 2, "overrides": {"train.stage_overlap": False}},
+    "block4": {"kind": "stages", "layers_per_stage": 4, "overrides": {"train.stage_overlap": False}},
+    "lw_zero_init": {"kind": "stages", "layers_per_stage": 1,
+                     "overrides": {"train.stage_overlap": False, "train.stage_zero_init": True}},
+    "lw_lr_decay": {"kind": "stages", "layers_per_stage": 1,
+                    "overrides": {"train.stage_overlap": False, "train.stage_lr_decay": 0.7}},
+    "lw_frozen_head": {"kind": "stages", "layers_per_stage": 1,
+                       "overrides": {"train.stage_overlap": False, "train.stage_trains_head": False}},
 }
 
 
 def _lw(share: float = 0.0, **overrides) -> dict:
-    """A one-layer-per-stage method with config overrides; ``share``: stage 0's share of the total steps."""
-    m = {"kind": "stages", "layers_per_stage": 1, "overrides": overrides}
+    """Plain one-layer stages (train.stage_overlap off unless set) with config overrides; ``share``: stage 0's
+    share of the total steps."""
+    over = {"train.stage_overlap": False, **overrides}
+    if over["train.stage_overlap"]:  # the overlap recipes below were measured with a window of 1 unless they say
+        over.setdefault("train.overlap_layers", 1)
+    m = {"kind": "stages", "layers_per_stage": 1, "overrides": over}
     return dict(m, stage0_share=share) if share else m
 
 

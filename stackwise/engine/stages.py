@@ -207,13 +207,17 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     offset = stage_data_offset(cfg, stage.index)  # train.stage_data=continue: where this stage's batches start
     cfg = stage_config(cfg, layer)  # issue-13 hook: train.stage_steps gives this stage its own max_steps
     layers, device, t = list(stage.layers), env.device, cfg.train
-    if stage.inputs == "cache":
-        _rebuild_missing_cache(cfg, run, layer, env)
-    if layer > 0:
-        require_acts(run, layer - 1)
     # issue-13 hook: train.stage_overlap runs (and trains) layers k-w..k-1 too, on layer k-w-1's outputs (ids at 0)
     ran = overlap_layers(cfg, layers)
-    if ran[0] > 0 and ran[0] < layer:
+    if stage.inputs == "cache" and ran[0] > 0:
+        _rebuild_missing_cache(cfg, run, ran[0], env)  # the stage's input: layer ran[0]-1's cache
+    for k in range(ran[0], layer):  # the overlapped layers start from their trained files
+        if not os.path.isfile(run.layer_ckpt(k)):
+            raise FileNotFoundError(
+                f"layer {k}'s checkpoint {run.layer_ckpt(k)} is missing and stage {layer} retrains it "
+                f"(train.stage_overlap); train it first: python launchers/train_layer.py --config "
+                f"{os.path.join(run.root, 'config.yaml')} --layer {k}")
+    if ran[0] > 0:
         require_acts(run, ran[0] - 1)
     done = all(os.path.isfile(run.layer_ckpt(k)) for k in layers) and not run.has_resume_state(stage.name)
     if done:

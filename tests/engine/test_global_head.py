@@ -17,8 +17,8 @@ def test_global_head_validates(make_cfg):
 
 
 def _run(make_cfg, tmp_path, *extra):
-    return make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=3", "engine.device=cpu", "train.checkpoint_interval=0",
-                    "train.global_head=1", *extra)
+    return make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=3", "engine.device=cpu",
+                    "train.checkpoint_interval=0", "train.global_head=1", *extra)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from stackwise.engine.recipes import overlap_layers, overlap_lr_scale
 
 def test_overlap_validates(make_cfg):
     with pytest.raises(ConfigError, match="train.overlap_lr_scale"):
-        make_cfg("train.stage_overlap=true", "train.overlap_lr_scale=0")
+        make_cfg("train.stage_overlap=true", "train.overlap_layers=1", "train.overlap_lr_scale=0")
     cfg = make_cfg()
     assert cfg.train.stage_overlap is False
     assert overlap_layers(cfg, [1]) == [1]
@@ -21,7 +21,8 @@ def test_overlap_validates(make_cfg):
 def test_overlap_layers_and_lr_scale(make_cfg):
     from stackwise.model import StackWiseLM
 
-    cfg = make_cfg("train.stage_overlap=true", "train.overlap_lr_scale=0.25", "model.n_layers=3")
+    cfg = make_cfg("train.stage_overlap=true", "train.overlap_layers=1", "train.overlap_lr_scale=0.25",
+                   "model.n_layers=3")
     assert overlap_layers(cfg, [0]) == [0]
     assert overlap_layers(cfg, [2]) == [1, 2]
     model = StackWiseLM(cfg.model, layers=[1, 2])
@@ -34,7 +35,7 @@ def test_overlap_optimizer_groups(make_cfg):
     """The backend's optimizer runs layer k-1 at overlap_lr_scale x the scheduled lr, layer k and the head at 1x."""
     from stackwise.engine.backends import param_groups
 
-    cfg = make_cfg("train.stage_overlap=true", "train.overlap_lr_scale=0.25")
+    cfg = make_cfg("train.stage_overlap=true", "train.overlap_layers=1", "train.overlap_lr_scale=0.25")
     from stackwise.model import StackWiseLM
 
     model = StackWiseLM(cfg.model, layers=[0, 1])
@@ -69,7 +70,8 @@ def test_overlap_retrains_previous_layer_and_fuses(make_cfg, tmp_path):
     from stackwise.engine.rundir import RunDir
 
     cfg = make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=3", "train.stage_overlap=true",
-                   "model.n_layers=3", "engine.device=cpu", "engine.cache_keep=last", "train.checkpoint_interval=0")
+                   "train.overlap_layers=1", "model.n_layers=3", "engine.device=cpu", "engine.cache_keep=last",
+                   "train.checkpoint_interval=0")
     run = RunDir(cfg)
     train_stage(cfg, 0)
     train_stage(cfg, 1)
@@ -95,7 +97,8 @@ def test_overlap_stage1_trains_layer0_from_ids(make_cfg, tmp_path):
     from stackwise.engine.rundir import RunDir
 
     cfg = make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=3", "train.stage_overlap=true",
-                   "engine.device=cpu", "train.checkpoint_interval=0", "model.tie_embeddings=false")
+                   "train.overlap_layers=1", "engine.device=cpu", "train.checkpoint_interval=0",
+                   "model.tie_embeddings=false")
     run = RunDir(cfg)
     train_stage(cfg, 0)
     before = ckpt.load_tensors(run.layer_ckpt(0))[0]
@@ -208,3 +211,34 @@ def test_overlap_window_retrains_every_earlier_layer(make_cfg, tmp_path):
         views = next(iter(ShardStream(run.views("val"), run.acts(k, "val"), 4, shuffle=False)))
         torch.testing.assert_close(views["x"], _layer_out(cfg, run, k, ids), rtol=1e-5, atol=1e-5)
     fuse(cfg)
+
+
+def test_default_stages_overlap_a_window_of_two():
+    """The default config (issue 13's winner): stage k retrains layers k-2 and k-1 at the full lr."""
+    from stackwise.config import StackWiseConfig, TrainConfig
+
+    t = TrainConfig()
+    assert (t.stage_overlap, t.overlap_layers, t.overlap_lr_scale, t.stage_residual_init) == (True, 2, 1.0, True)
+    cfg = StackWiseConfig()
+    assert overlap_layers(cfg, [3]) == [1, 2, 3] and overlap_layers(cfg, [1]) == [0, 1]
+
+
+def test_overlap_stage_rebuilds_its_input_cache(make_cfg, tmp_path):
+    """With a window, a rerun stage k needs layer k-w-1's cache (deleted under cache_keep=last): it is rebuilt
+    from the checkpoints; a missing overlapped layer's checkpoint is refused by name."""
+    from stackwise.engine import train_all, train_stage
+    from stackwise.engine.rundir import RunDir
+
+    cfg = make_cfg(f"train.out_dir={tmp_path}", "train.max_steps=2", "train.stage_overlap=true",
+                   "train.overlap_layers=1", "model.n_layers=3", "engine.device=cpu", "engine.cache_keep=last",
+                   "train.checkpoint_interval=0")
+    train_all(cfg)
+    run = RunDir(cfg)
+    assert not run.has_acts(0)
+    os.remove(run.layer_ckpt(2))
+    train_stage(cfg, 2)  # reads layer 0's cache: rebuilt
+    assert os.path.isfile(run.layer_ckpt(2)) and run.has_acts(2)
+    os.remove(run.layer_ckpt(2))
+    os.remove(run.layer_ckpt(1))
+    with pytest.raises(FileNotFoundError, match=r"layer 1's checkpoint .* stage 2 retrains it"):
+        train_stage(cfg, 2)

@@ -76,7 +76,7 @@ def test_full_run_on_real_text(tmp_path):
 
 
 def test_corrupt_shard_is_refused_by_name(tmp_path):
-    cfg = make(tmp_path)
+    cfg = make(tmp_path, "train.stage_overlap=false")  # plain stages: stage 1 reads layer 0's cache
     train_stage(cfg, 0)
     shard = os.path.join(RunDir(cfg).acts(0, "train"), "shard_00001.h.npy")
     data = bytearray(open(shard, "rb").read())

@@ -97,7 +97,7 @@ def test_diffusion_fine_tune_honours_loss_weighting(tmp_path):
 
 
 def test_missing_cache_is_rebuilt_from_the_checkpoints(tmp_path):
-    cfg = make(tmp_path, "model.n_layers=3", "engine.cache_keep=last", "train.max_steps=6")
+    cfg = make(tmp_path, "model.n_layers=3", "engine.cache_keep=last", "train.max_steps=6", "train.stage_overlap=false")
     train_all(cfg)
     run = RunDir(cfg)
     assert not run.has_acts(1) and run.has_acts(2), "cache_keep=last keeps only the last layer's cache"

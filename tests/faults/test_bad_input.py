@@ -147,7 +147,7 @@ def test_nan_in_cached_activations_is_refused(tmp_path):
     from stackwise.engine.rundir import RunDir
     from stackwise.engine.stages import train_stage
 
-    cfg = _stage_cfg(tmp_path)
+    cfg = _stage_cfg(tmp_path, "train.stage_overlap=false")  # plain stages: stage 1 reads layer 0's cache
     train_stage(cfg, 0)
     d = RunDir(cfg).acts(0, "train")
     m = json.load(open(os.path.join(d, "manifest.json")))

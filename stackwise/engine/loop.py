@@ -3,9 +3,9 @@
 the benchmarks all run :func:`train_loop` over a :class:`~stackwise.engine.backends.StageBackend`; nobody writes
 another.
 
-One optimizer step (:func:`train_step`): for each of the step's micro-batches, the global loss normaliser (the
-objective's count of supervised tokens, or B*T under ``inv_t`` weights, summed over ranks and divided by the world
-size) and ``backend.forward_backward``; then ``backend.step()`` (clip + optimizer step). The loop adds the
+One optimizer step (:func:`train_step`): the step's global loss normaliser (the objective's count of supervised
+tokens, or B*T under ``inv_t`` weights, summed over the step's micro-batches and the ranks), then
+``backend.forward_backward`` per micro-batch; then ``backend.step()`` (clip + optimizer step). The loop adds the
 warm-up + cosine learning rate (:func:`lr_at`), a NaN guard that names the last good resumable checkpoint, the
 progress line (loss, lr, grad norm, time, tokens/s, peak memory, MFU on CUDA), ``metrics.jsonl`` and optional
 TensorBoard, a progress bar on a terminal, and resumable saves every ``train.checkpoint_interval`` steps.
@@ -58,10 +58,16 @@ def device_peak_flops(device: torch.device) -> float | None:
 def train_step(backend, micro_batches: list[dict[str, torch.Tensor]], objective, world_size: int) -> tuple:
     """One optimizer step over this rank's micro-batches; returns (mean loss [detached tensor], grad norm)."""
     accum = len(micro_batches)
+    # the step's supervised tokens over every micro-batch and rank: each micro-batch's loss sum is divided by
+    # (global count / (world * accum)), and the backends divide by accum and average over ranks, so the gradient
+    # is the global token mean whatever the split (per-micro-batch means would weight a sparsely masked
+    # micro-batch's tokens more)
+    dev = backend.env.device
+    count = sum(objective.normalizer(b["loss_mask"].to(dev)) for b in micro_batches)
+    parts = world_size * accum
+    denom = (all_reduce_sum(count) / parts).clamp_min(1 / parts)
     step_loss = 0.0
     for batch in micro_batches:
-        lm = batch["loss_mask"].to(backend.env.device)
-        denom = (all_reduce_sum(objective.normalizer(lm)) / world_size).clamp_min(1 / world_size)
         step_loss = step_loss + backend.forward_backward(batch, denom, accum) / accum
     return step_loss, backend.step()
 

@@ -263,6 +263,8 @@ class EngineConfig:
     """Keep every layer's activation cache (all), or delete layer k-1's once layer k's is written (last)."""
     cache_shard_sequences: int = 64
     """Masked views per activation shard (shards are streamed and verified one at a time)."""
+    cache_rows: str = "read"
+    """Train rows a stage caches: read (only the shards of the batches later stages read) or all (every view)."""
     cache: str = "disk"
     """Inputs of stage k: disk (read layer k-1's cached outputs) or recompute (rerun frozen layers 0..k-1 from the views)."""
     deepspeed_config: str = ""
@@ -281,6 +283,7 @@ class EngineConfig:
         _one_of("engine.cache_dtype", self.cache_dtype, DTYPES)
         _one_of("engine.cache_keep", self.cache_keep, ("all", "last"))
         _in_range("engine.cache_shard_sequences", self.cache_shard_sequences, 1)
+        _one_of("engine.cache_rows", self.cache_rows, ("read", "all"))
         _one_of("engine.cache", self.cache, ("disk", "recompute"))
         _one_of("engine.optimizer", self.optimizer, ("auto", "torch", "deepspeed"))
         _in_range("engine.dist_timeout_s", self.dist_timeout_s, 1)

@@ -175,6 +175,11 @@ class ShardWriter:
                            "dtype": str(a.dtype)}
         self.shards.append({"rows": rows.pop(), "files": files, "index": idx})
 
+    def skip(self, rows: int, index: int) -> None:
+        """Record shard ``index`` (``rows`` rows) as not cached: an entry with no files keeps the set row-aligned
+        with its views, and a reader that reaches it is refused with the fix (see :class:`ShardStream`)."""
+        self.shards.append({"rows": rows, "files": {}, "index": index})
+
     def close(self, meta: dict, shards: list[dict] | None = None) -> dict:
         """Write the manifest (last, atomically), then swap the staging directory in; ``shards`` defaults to
         this writer's own."""
@@ -323,6 +328,9 @@ def read_shard_array(directory: str, entry: dict) -> np.ndarray:
 
 
 def load_shard(directory: str, manifest: dict, i: int) -> dict[str, np.ndarray]:
+    if not manifest["shards"][i]["files"]:
+        raise ActivationCacheError(f"shard {i} of {directory} was not cached (only the rows later stages read were); "
+                                   f"rerun the stage that writes it with engine.cache_rows=all")
     return {name: read_shard_array(directory, e) for name, e in manifest["shards"][i]["files"].items()}
 
 

@@ -78,6 +78,12 @@ class ShardStream:
     def _load(self, i: int) -> dict[str, np.ndarray]:
         arrays = load_shard(self.views_dir, self.views, i)
         if self.layer is not None:
+            if not self.layer["shards"][i]["files"]:
+                raise ActivationCacheError(
+                    f"shard {i} of {self.layer_dir} was not cached: the stage that wrote it cached only the rows of "
+                    f"the batches later stages were planned to read (engine.cache_rows=read), for another batch "
+                    f"size, world size or stage split; rerun this stage and it rebuilds the cache, or set "
+                    f"engine.cache_rows=all")
             arrays["h"] = load_shard(self.layer_dir, self.layer, i)["h"]
             # a diverged layer (or an edited file with a matching manifest) must not train the next one
             if not torch.isfinite(from_storage(arrays["h"], self.layer["dtype"])).all():
@@ -172,6 +178,24 @@ class ShardStream:
             step = max_rows or len(rows)
             for lo in range(0, len(rows), step):
                 yield i, self._rows_to_batch(arrays, rows[lo:lo + step])
+
+    def shards_read(self, start_step: int, n_steps: int) -> set[int]:
+        """Indices of the shards holding rows of global batches ``start_step .. start_step + n_steps - 1`` (every
+        rank's rows, in this stream's shuffled order): what a stage reading those batches needs from a cache."""
+        if not self.shuffle:
+            raise ValueError("shards_read() follows the shuffled batch order; this stream does not shuffle")
+        gb, spe, n = self.batch_size * self.world, self.steps_per_epoch, len(self.views["shards"])
+        out: set[int] = set()
+        step, end = start_step, start_step + n_steps
+        while step < end and len(out) < n:
+            epoch, skip = divmod(step, spe)
+            stop = min(end - epoch * spe, spe)
+            order = self._order(epoch)
+            starts = np.cumsum([0] + [len(r) for _, r in order])
+            lo, hi = skip * gb, stop * gb
+            out.update(i for k, (i, _) in enumerate(order) if starts[k] < hi and starts[k + 1] > lo)
+            step = (epoch + 1) * spe
+        return out
 
     @property
     def n_shards(self) -> int:

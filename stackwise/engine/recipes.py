@@ -13,13 +13,13 @@ The trainer calls these through small marked hooks; each recipe is a ``TrainConf
   path is a true copy, the MLP a warm start only.
 - ``train.stage_steps`` (``stage_config``): the split of the token budget across stages at the same total;
   the trainer runs stage i with ``train.max_steps = stage_steps[i]``.
-- ``train.stage_overlap`` (``overlap_layers`` / ``overlap_lr_scale`` / ``load_overlapped`` /
-  ``cache_overlapped``): stage k also trains layer k-1 (at ``train.overlap_lr_scale`` x the scheduled lr), its
+- ``train.stage_overlap`` (``overlap_layers`` / ``overlap_lr_scale`` / ``load_overlapped`` / ``cache_layer``):
+  stage k also trains layer k-1 (at ``train.overlap_lr_scale`` x the scheduled lr), its
   input read from layer k-2's cache (the masked ids when k-1 = 0, and then the input embeddings train with it),
   so the features layer k reads can move towards what layer k needs instead of staying what the head read at
-  stage k-1. Layer k-1's file and cache are rewritten; layer k-2's cache stays until then (two caches live under
-  ``engine.cache_keep=last``). Every cached activation is still computed by the final weights, so fusion's check
-  holds unchanged.
+  stage k-1. Layer k-1's file is rewritten; a stage caches only the layer the next stage reads (``cache_layer``:
+  k-w for a window of w), which no later stage retrains, so every cached activation is computed by the final
+  weights and fusion's check holds unchanged.
 - ``objective.stage_mask_schedule`` (``stage_mask_band`` / ``banded_objective``): stage i of n supervises only the
   cached views whose realised mask rate lies in its band of [mask_fraction_min, mask_fraction_max] cut in n equal
   bands: ``depth_as_time`` gives stage 0 the heaviest noise and the last stage the lightest (each block tied to
@@ -30,8 +30,6 @@ The trainer calls these through small marked hooks; each recipe is a ``TrainConf
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 
 import torch
 
@@ -155,16 +153,15 @@ def load_overlapped(model, cfg, load_layer, layers: list[int]) -> None:
                     own[name].copy_(t.to(own[name].dtype))
 
 
-def cache_overlapped(model, run, layers: list[int], device, cfg, env, cache_outputs) -> None:
-    """Rewrite the overlapped layers' caches in order, then write the stage's own; drop the one before the first
-    overlapped layer under cache_keep=last (the next stage reads from the first overlapped layer's cache on)."""
-    ran = overlap_layers(cfg, layers)
-    keep_all = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, cache_keep="all"))
-    for k in ran[:len(ran) - len(layers)]:
-        cache_outputs(model, run, [k], device, keep_all, env)
-    cache_outputs(model, run, layers, device, keep_all, env)
-    if cfg.engine.cache_keep == "last" and ran[0] > 0 and env.is_main:
-        shutil.rmtree(os.path.dirname(run.acts(ran[0] - 1, "val")), ignore_errors=True)
+def cache_layer(cfg, first: int) -> int:
+    """The layer whose outputs the stage starting at ``first`` caches: the next stage's input (the layer before the
+    first one it runs, so under ``train.stage_overlap`` the lowest layer this stage trains for the last time), the
+    last layer for the last stage (fusion's check reads it), or -1 when the next stage reads the masked ids."""
+    K, n = cfg.train.layers_per_stage, cfg.model.n_layers
+    nxt = first + K
+    if nxt >= n:
+        return n - 1
+    return overlap_layers(cfg, list(range(nxt, min(nxt + K, n))))[0] - 1
 
 
 MASK_SCHEDULES = ("none", "depth_as_time", "curriculum")

@@ -55,8 +55,11 @@ def evaluate_stage(model, run: RunDir, layers, device, cfg: StackWiseConfig, env
 
 
 @torch.no_grad()
-def cache_outputs(model, run: RunDir, layers, device, cfg: StackWiseConfig, env: DistEnv = _ONE) -> None:
-    """Write the outputs of the stage's last layer for the cached splits (row-aligned shards, one per view shard)."""
+def cache_outputs(model, run: RunDir, layers, device, cfg: StackWiseConfig, env: DistEnv = _ONE,
+                  rows: set[int] | None = None) -> None:
+    """Write the outputs of ``layers[-1]`` (run from ``layers[0] - 1``'s cache, or the ids) for the cached splits:
+    row-aligned shards, one per view shard. ``rows``: the train shards to write (the others are recorded as not
+    cached, see :meth:`ShardWriter.skip`); None writes every one. The held-out split is always whole."""
     model.eval()
     k = layers[-1]
     for split in run.cache_splits():
@@ -68,8 +71,14 @@ def cache_outputs(model, run: RunDir, layers, device, cfg: StackWiseConfig, env:
         if not env.is_main:
             writer = ShardWriter(run.acts(k, split), "layer", fresh=False)
         stream = ShardStream(run.views(split), prev, cfg.engine.cache_shard_sequences, shuffle=False)
-        mine = list(range(env.rank, stream.n_shards, env.world_size))
-        bar = progress_bar(views["rows"], f"cache layer {k} {split}", env.rank)
+        keep = set(range(stream.n_shards)) if rows is None or split != "train" else rows
+        if split == "train":
+            stream_n = stream.n_shards
+        mine = [i for i in range(env.rank, stream.n_shards, env.world_size) if i in keep]
+        if env.is_main:
+            for i in sorted(set(range(stream.n_shards)) - keep):
+                writer.skip(views["shards"][i]["rows"], i)
+        bar = progress_bar(sum(views["shards"][i]["rows"] for i in keep), f"cache layer {k} {split}", env.rank)
         for i, batch in stream.shard_batches(mine):
             x = batch["x"].to(device)
             h = model.embed(x) if layers[0] == 0 else x
@@ -84,8 +93,9 @@ def cache_outputs(model, run: RunDir, layers, device, cfg: StackWiseConfig, env:
             writer.close({"layer": k, "dtype": cfg.engine.cache_dtype, "d_model": cfg.model.d_model,
                           "views": views_fingerprint(views)}, shards=entries)
         barrier()
-    logger.info("cached layer %d outputs (%s, %s) under %s", k, cfg.engine.cache_dtype, "+".join(run.cache_splits()),
-                os.path.dirname(run.acts(k, "val")))
+    part = "" if rows is None or "train" not in run.cache_splits() else f"; train: {len(rows)} of {stream_n} shards"
+    logger.info("cached layer %d outputs (%s, %s%s) under %s", k, cfg.engine.cache_dtype,
+                "+".join(run.cache_splits()), part, os.path.dirname(run.acts(k, "val")))
     if cfg.engine.cache_keep == "last" and layers[0] > 0 and env.is_main:
         old = os.path.dirname(run.acts(layers[0] - 1, "val"))
         shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,10 @@ it through :func:`stackwise.engine.loop.train_loop`: each rank reads its slice o
 loss is normalised by the global count of supervised tokens, so N ranks with batch B match one process with
 batch N*B within fp32 round-off.
 
+After training, a stage caches one layer's outputs: the next stage's input (:func:`~.recipes.cache_layer`), on
+the train shards the later stages read (:func:`rows_read`; every shard under ``engine.cache_rows=all``) and the
+whole held-out split.
+
 A stage is resumable: every ``train.checkpoint_interval`` steps the backend saves its state; with
 ``train.resume`` the stage continues from there and, because the batch order depends only on (seed, step), ends
 with the same weights as an uninterrupted run. A rerun of a finished stage only (re)builds a missing cache.
@@ -31,7 +35,7 @@ from .backends import StageModule, create_backend
 from .distributed import DistEnv, barrier, distributed
 from .log import MetricsWriter, logger
 from .loop import train_loop
-from .recipes import (banded_objective, cache_overlapped, overlap_layers, overlap_lr_scale,  # issue 13: depth
+from .recipes import (banded_objective, cache_layer, overlap_layers, overlap_lr_scale,  # issue 13: depth
                       stage_config, stage_data_offset, top_layers)
 from .recompute import FrozenPrefix
 from .rundir import RunDir, open_run
@@ -82,8 +86,9 @@ def next_stage(cfg: StackWiseConfig) -> int:
     run = RunDir(cfg)
     K = cfg.train.layers_per_stage
     for first in range(0, cfg.model.n_layers, K):
-        last = min(first + K, cfg.model.n_layers) - 1
-        if not os.path.isfile(run.layer_ckpt(last)) or not run.has_acts(last) or run.has_resume_state(f"stage_{first}"):
+        last, out = min(first + K, cfg.model.n_layers) - 1, cache_layer(cfg, first)
+        cached = out < 0 or run.has_acts(out)
+        if not os.path.isfile(run.layer_ckpt(last)) or not cached or run.has_resume_state(f"stage_{first}"):
             return first
     raise ConfigError(
         f"every stage of {run.root} is already trained ({cfg.model.n_layers} layers); pass --layer K to retrain one "
@@ -149,15 +154,48 @@ def _remove_state(run: RunDir, stage: Stage, env: DistEnv) -> None:
     barrier()
 
 
-def _rebuild_missing_cache(cfg: StackWiseConfig, run: RunDir, layer: int, env: DistEnv) -> None:
-    """Rebuild layer ``layer - 1``'s activation cache from the checkpoints of layers 0..layer-1 when it is missing.
+def rows_read(cfg: StackWiseConfig, run: RunDir, env: DistEnv, index: int) -> set[int] | None:
+    """Train view shards that stages ``index``, ``index + 1``, ... read (their slices of the batch order, this world
+    size), which is what a cache written before stage ``index`` must hold; None (every shard) under
+    ``engine.cache_rows=all``."""
+    if cfg.engine.cache_rows == "all":
+        return None
+    K, n, t = cfg.train.layers_per_stage, cfg.model.n_layers, cfg.train
+    stream = ShardStream(run.views("train"), None, t.batch_size, seed=t.seed, world=env.world_size, prefetch=False)
+    out: set[int] = set()
+    for i in range(index, -(-n // K)):
+        steps = stage_config(cfg, i * K).train.max_steps
+        out |= stream.shards_read(stage_data_offset(cfg, i) * t.grad_accum, steps * t.grad_accum)
+    return out
+
+
+def _missing_rows(run: RunDir, k: int, rows: set[int] | None) -> list[int]:
+    """Shards of ``rows`` (all when None) that layer k's train cache does not hold (it must exist)."""
+    if "train" not in run.cache_splits():
+        return []
+    shards = read_manifest(run.acts(k, "train"), what=f"layer {k}'s activation cache")["shards"]
+    want = range(len(shards)) if rows is None else sorted(rows)
+    return [i for i in want if not shards[i]["files"]]
+
+
+def _rebuild_missing_cache(cfg: StackWiseConfig, run: RunDir, layer: int, env: DistEnv,
+                           rows: set[int] | None = None) -> None:
+    """Rebuild layer ``layer - 1``'s activation cache from the checkpoints of layers 0..layer-1 when it is missing
+    or lacks some of the train ``rows`` this and the later stages read (``engine.cache_rows=read`` caches only
+    those; a stage run with another batch size, world size or split needs others).
 
     ``engine.cache_keep=last`` deletes older caches, so retraining a later stage would otherwise need every earlier
     stage rerun. Forward only, streamed shard by shard and data-parallel; when a checkpoint is missing nothing is
     done and :func:`require_acts` names the stage to train.
     """
-    if run.has_acts(layer - 1) or cfg.engine.cache == "recompute" or not os.path.isfile(run.layer_ckpt(layer - 1)):
+    if cfg.engine.cache == "recompute" or not os.path.isfile(run.layer_ckpt(layer - 1)):
         return
+    if run.has_acts(layer - 1):
+        lack = _missing_rows(run, layer - 1, rows)
+        if not lack:
+            return
+        logger.info("layer %d's activation cache lacks %d train shards this run reads (it was cached for another "
+                    "batch order): rebuilding it", layer - 1, len(lack))
     missing = [k for k in range(layer) if not os.path.isfile(run.layer_ckpt(k))]
     if missing:
         raise FileNotFoundError(
@@ -175,7 +213,7 @@ def _rebuild_missing_cache(cfg: StackWiseConfig, run: RunDir, layer: int, env: D
         keep = {n: v for n, v in tensors.items() if n.startswith(f"layers.{k}.") or n == "tok_embeddings.weight"}
         ckpt.load_into(model, keep, run.layer_ckpt(k), strict=False)
     model.requires_grad_(False)
-    cache_outputs(model.to(env.device), run, prefix, env.device, cfg, env)
+    cache_outputs(model.to(env.device), run, prefix, env.device, cfg, env, rows=rows)
     del model
     _release_host_memory()
     logger.info("rebuilt layer %d's cache in %.1f s", layer - 1, time.time() - t0)
@@ -209,8 +247,9 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     layers, device, t = list(stage.layers), env.device, cfg.train
     # issue-13 hook: train.stage_overlap runs (and trains) layers k-w..k-1 too, on layer k-w-1's outputs (ids at 0)
     ran = overlap_layers(cfg, layers)
-    if stage.inputs == "cache" and ran[0] > 0:
-        _rebuild_missing_cache(cfg, run, ran[0], env)  # the stage's input: layer ran[0]-1's cache
+    out = cache_layer(cfg, layer)  # the layer whose outputs this stage caches: the next stage's input
+    if stage.inputs == "cache" and ran[0] > 0:  # the stage's input, layer ran[0]-1's cache, with every row it reads
+        _rebuild_missing_cache(cfg, run, ran[0], env, rows_read(cfg, run, env, stage.index))
     for k in range(ran[0], layer):  # the overlapped layers start from their trained files
         if not os.path.isfile(run.layer_ckpt(k)):
             raise FileNotFoundError(
@@ -222,12 +261,12 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     done = all(os.path.isfile(run.layer_ckpt(k)) for k in layers) and not run.has_resume_state(stage.name)
     if done:
         model = load_trained(cfg, run, layers).to(device)
-        if run.has_acts(layers[-1]):
+        vl, va = evaluate_stage(model, run, ran, device, cfg, env)
+        if out < 0 or run.has_acts(out):
             logger.info("stage %d is already trained and cached in %s; nothing to do", layer, run.root)
         else:
             logger.info("stage %d is trained but its cache is missing: rebuilding it", layer)
-            cache_outputs(model, run, layers, device, cfg, env)
-        vl, va = evaluate_stage(model, run, layers, device, cfg, env)
+            _cache_stage(model, run, ran, out, stage, device, cfg, env)
         return StageResult(layer, 0, float("nan"), vl, va, 0.0, skipped=True)
 
     torch.manual_seed(t.seed + 1000 * layer)
@@ -278,12 +317,19 @@ def _train_stage(cfg: StackWiseConfig, layer: int, env: DistEnv) -> StageResult:
     MetricsWriter(run.root, env.rank).write(
         kind="stage", stage=layer, layers=layers, val_loss=vl, val_acc=va, train_loss=result.last_loss,
         seconds=result.seconds, trainable_params=n_train, backend=env.backend, world_size=env.world_size)
-    if ran == layers:
-        cache_outputs(model, run, layers, device, cfg, env)
-    else:  # issue-13 hook: train.stage_overlap rewrites layer k-1's cache first
-        cache_overlapped(model, run, layers, device, cfg, env, cache_outputs)
+    _cache_stage(model, run, ran, out, stage, device, cfg, env)
     _remove_state(run, stage, env)
     return StageResult(layer, t.max_steps, result.last_loss, vl, va, result.seconds, history=result.history)
+
+
+def _cache_stage(model, run: RunDir, ran: list[int], out: int, stage: Stage, device, cfg: StackWiseConfig,
+                 env: DistEnv) -> None:
+    """Cache layer ``out``'s outputs (the next stage's input; the last layer after the last stage) for the train rows
+    the later stages read and the whole held-out split; nothing when the next stage reads the ids. Under
+    ``engine.cache_keep=last`` the stage's own input cache is then deleted."""
+    if out < 0:
+        return
+    cache_outputs(model, run, ran[:ran.index(out) + 1], device, cfg, env, rows=rows_read(cfg, run, env, stage.index + 1))
 
 
 def _flops_per_token(cfg: StackWiseConfig, env: DistEnv) -> float | None:

@@ -120,7 +120,8 @@ def test_backend_choice_and_world_checks(make_cfg, monkeypatch):
 
 
 def test_data_parallel_stream_is_the_single_stream_split(tmp_path):
-    cfg = _cfg(tmp_path / "run", "--layer", "0")
+    # plain stage 0 caching every row (the default stage 0 caches nothing: stage 1 retrains layer 0 from the ids)
+    cfg = _cfg(tmp_path / "run", "--layer", "0", "--train.stage_overlap=false", "--engine.cache_rows=all")
     train_stage(cfg, 0)
     run = RunDir(cfg)
     one = iter(ShardStream(run.views("train"), run.acts(0, "train"), 8, seed=3, start_step=5))
@@ -134,16 +135,18 @@ def test_data_parallel_stream_is_the_single_stream_split(tmp_path):
 
 
 def test_stage_matches_single_process_on_both_backends_and_launchers(tmp_path):
+    # a plain stage 0 caching every row, so the two-rank cache can be compared with the single-process one
+    plain = ["--train.stage_overlap=false", "--engine.cache_rows=all"]
     ref = tmp_path / "ref"
-    train_stage(_cfg(ref, "--train.batch_size=16"), 0)
+    train_stage(_cfg(ref, "--train.batch_size=16", *plain), 0)
     fsdp, ds = tmp_path / "fsdp", tmp_path / "ds"
     p = _torchrun("launchers/train_layer.py", fsdp, "--layer", "0", "--engine.backend=fsdp", "--train.batch_size=8",
-                  port=29611)
+                  *plain, port=29611)
     _ok(p, "torchrun fsdp")
     for r in (0, 1):
         assert f"fsdp: rank {r} holds 28,768 of the stage's 57,536" in p.stderr, p.stderr[-3000:]
     p = _deepspeed("launchers/train_layer.py", ds, "--layer", "0", "--engine.backend=deepspeed",
-                   "--train.batch_size=8", port=29612)
+                   "--train.batch_size=8", *plain, port=29612)
     _ok(p, "deepspeed launcher")
     for r in (0, 1):
         assert f"deepspeed: rank {r} holds 28,768 of the stage's 57,536" in p.stderr, p.stderr[-3000:]
@@ -151,11 +154,11 @@ def test_stage_matches_single_process_on_both_backends_and_launchers(tmp_path):
     _assert_same(_layer(fsdp), single, "fsdp vs single")
     _assert_same(_layer(ds), single, "deepspeed vs single")
     _assert_same(_layer(ds), _layer(fsdp), "deepspeed vs fsdp")
-    assert RunDir(_cfg(ds)).has_acts(0) and not os.path.exists(os.path.join(ds, "ds_stage_0"))
+    assert RunDir(_cfg(ds, *plain)).has_acts(0) and not os.path.exists(os.path.join(ds, "ds_stage_0"))
     # the cache written by two ranks equals the single-process cache
-    a = next(iter(ShardStream(RunDir(_cfg(ds)).views("train"), os.path.join(ds, "acts/layer_0/train"), 64,
+    a = next(iter(ShardStream(RunDir(_cfg(ds, *plain)).views("train"), os.path.join(ds, "acts/layer_0/train"), 64,
                               shuffle=False)))
-    b = next(iter(ShardStream(RunDir(_cfg(ref)).views("train"), os.path.join(ref, "acts/layer_0/train"), 64,
+    b = next(iter(ShardStream(RunDir(_cfg(ref, *plain)).views("train"), os.path.join(ref, "acts/layer_0/train"), 64,
                               shuffle=False)))
     torch.testing.assert_close(a["x"], b["x"], atol=1e-4, rtol=1e-4)
 

@@ -56,14 +56,18 @@ def _layer_out(cfg, run, upto, ids):
     from stackwise.model import StackWiseLM
 
     model = StackWiseLM(cfg.model, layers=list(range(upto + 1)))
-    for k in range(upto + 1):
-        ckpt.load_into(model, ckpt.load_tensors(run.layer_ckpt(k))[0], run.layer_ckpt(k), strict=False)
+    for k in range(upto + 1):  # layer k's own weights, and the input embeddings from layer 0's file (the head a
+        # later file carries is tied to them, but the cached activations were computed with stage 0's embeddings)
+        tensors = ckpt.load_tensors(run.layer_ckpt(k))[0]
+        keep = {n: t for n, t in tensors.items() if n.startswith(f"layers.{k}.") or (k == 0 and n == "tok_embeddings.weight")}
+        ckpt.load_into(model, keep, run.layer_ckpt(k), strict=False)
     return model.run_layers(model.embed(ids), 0, upto + 1, "bidirectional")
 
 
 def test_overlap_retrains_previous_layer_and_fuses(make_cfg, tmp_path):
-    """Stage 2 changes layer 1's file and rewrites its cache with the new weights; layer 0 (not in stage 2) is
-    untouched; cache_keep=last keeps the two newest caches; fusion's exact check passes."""
+    """Stage 2 changes layer 1's file; layer 0 (not in stage 2) is untouched; a stage caches only the next stage's
+    input (stage 1: layer 0; stage 2, the last: layer 2), computed by the final weights; cache_keep=last drops
+    layer 0's once stage 2 has read it; fusion's exact check passes."""
     from stackwise.data.activations import ShardStream
     from stackwise.engine import checkpoint as ckpt
     from stackwise.engine import fuse, train_stage
@@ -74,7 +78,9 @@ def test_overlap_retrains_previous_layer_and_fuses(make_cfg, tmp_path):
                    "train.checkpoint_interval=0")
     run = RunDir(cfg)
     train_stage(cfg, 0)
+    assert not run.has_acts(0)  # stage 1 retrains layer 0 from the ids
     train_stage(cfg, 1)
+    assert run.has_acts(0) and not run.has_acts(1)  # stage 2 reads layer 0's outputs; layer 1 it retrains
     before = {k: ckpt.load_tensors(run.layer_ckpt(k))[0] for k in (0, 1)}
     train_stage(cfg, 2)
     after = {k: ckpt.load_tensors(run.layer_ckpt(k))[0] for k in (0, 1)}
@@ -82,11 +88,11 @@ def test_overlap_retrains_previous_layer_and_fuses(make_cfg, tmp_path):
     assert changed and any("attn" in n for n in changed)
     assert all(torch.equal(after[0][n], before[0][n]) for n in before[0])
     assert "output.weight" in ckpt.load_tensors(run.layer_ckpt(2))[0]
-    assert not os.path.isdir(os.path.dirname(run.acts(0, "val")))  # the cache before the overlap is dropped
-    assert run.has_acts(1) and run.has_acts(2)
-    views = next(iter(ShardStream(run.views("val"), run.acts(1, "val"), 4, shuffle=False)))
+    assert not os.path.isdir(os.path.dirname(run.acts(0, "val")))  # the cache stage 2 read is dropped
+    assert run.has_acts(2) and not run.has_acts(1)
+    views = next(iter(ShardStream(run.views("val"), run.acts(2, "val"), 4, shuffle=False)))
     ids = next(iter(ShardStream(run.views("val"), None, 4, shuffle=False)))["x"]
-    torch.testing.assert_close(views["x"], _layer_out(cfg, run, 1, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(views["x"], _layer_out(cfg, run, 2, ids), rtol=1e-5, atol=1e-5)
     fuse(cfg)  # raises FusionError unless the fused model reproduces the cached outputs of layer 2
 
 
@@ -187,8 +193,8 @@ def test_band_supervises_only_in_band_sequences(make_cfg):
 
 
 def test_overlap_window_retrains_every_earlier_layer(make_cfg, tmp_path):
-    """train.overlap_layers=2: stage 2 of 3 retrains layers 0 and 1 (from the ids), rewrites both caches in order,
-    and the fused model still reproduces the staged outputs."""
+    """train.overlap_layers=2: stage 2 of 3 retrains layers 0 and 1 (from the ids); no stage caches them (every
+    stage reads the ids), the last caches layer 2, and the fused model reproduces the staged outputs."""
     from stackwise.data.activations import ShardStream
     from stackwise.engine import checkpoint as ckpt
     from stackwise.engine import fuse, train_stage
@@ -206,10 +212,10 @@ def test_overlap_window_retrains_every_earlier_layer(make_cfg, tmp_path):
     after = {k: ckpt.load_tensors(run.layer_ckpt(k))[0] for k in (0, 1)}
     for k in (0, 1):
         assert not torch.equal(after[k][f"layers.{k}.attn.q_proj.weight"], before[k][f"layers.{k}.attn.q_proj.weight"])
+    assert not run.has_acts(0) and not run.has_acts(1) and run.has_acts(2)
     ids = next(iter(ShardStream(run.views("val"), None, 4, shuffle=False)))["x"]
-    for k in (0, 1):
-        views = next(iter(ShardStream(run.views("val"), run.acts(k, "val"), 4, shuffle=False)))
-        torch.testing.assert_close(views["x"], _layer_out(cfg, run, k, ids), rtol=1e-5, atol=1e-5)
+    views = next(iter(ShardStream(run.views("val"), run.acts(2, "val"), 4, shuffle=False)))
+    torch.testing.assert_close(views["x"], _layer_out(cfg, run, 2, ids), rtol=1e-5, atol=1e-5)
     fuse(cfg)
 
 

@@ -41,7 +41,7 @@ BASE = {
               "eval_sequences": 8, "checkpoint_interval": 3, "finetune_steps": 2, "out_dir": "run",
               # plain stages: stage 1 reads layer 0's cache (the default overlap window would read the ids)
               "stage_overlap": False},
-    "engine": {"cache_shard_sequences": 16},
+    "engine": {"cache_shard_sequences": 16, "cache_rows": "all"},  # every shard exists to be damaged
 }
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness. The quick brown fox jumps over the lazy dog while the river runs to the sea.\n") * 40

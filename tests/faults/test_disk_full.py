@@ -104,7 +104,8 @@ def test_stage_on_a_full_disk_says_so_and_keeps_the_checkpoint(tiny_fs, capsys):
                       "max_seq_len": 64, "attention": {"backend": "torch"}},
             "data": {"dummy": True, "dummy_sequences": 32, "seq_len": 16}, "objective": {"mask_draws": 1},
             "train": {"batch_size": 8, "max_steps": 4, "log_interval": 2, "checkpoint_interval": 2,
-                      "eval_sequences": 8, "out_dir": str(tiny_fs / "run")},
+                      "eval_sequences": 8, "out_dir": str(tiny_fs / "run"),
+                      "stage_overlap": False},  # plain stages: stage 0 caches layer 0 for stage 1
             "engine": {"cache_shard_sequences": 16}}
     cfg = config_from_dict(base)
     train_stage(cfg, 0)

@@ -30,8 +30,9 @@ BASE = {
     "data": {"dummy": True, "dummy_sequences": 32, "seq_len": 16},
     "objective": {"mask_draws": 1},
     "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 8, "warmup_steps": 2, "log_interval": 4,
-              "eval_sequences": 8, "checkpoint_interval": 3, "resume": True},
-    "engine": {"cache_shard_sequences": 16},
+              "eval_sequences": 8, "checkpoint_interval": 3, "resume": True, "stage_overlap": False},
+    # plain stages caching every row: each layer's cache exists for the kill points and the snapshot
+    "engine": {"cache_shard_sequences": 16, "cache_rows": "all"},
 }
 # launched runs must not inherit the kernel tests' TRITON_INTERPRET=1
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": ROOT}

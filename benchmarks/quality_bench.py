@@ -75,6 +75,13 @@ SIZES = {
     "depth": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, seq_len=128,
                   batch_size=16, total_steps=1600, fresh_data=True, finetune_steps=100, clm_steps=50, lr=3e-3,
                   warmup=100, eval_seq=256, log_interval=20),
+    # issue 13 at 8 layers, session 6: the depth model at 8 layers with the per-stage budget of the 4-layer runs
+    # (400 steps a stage, 3,200 in all): at 1,600 total steps the 8-layer end-to-end baseline beat the 1-layer one
+    # on 1 seed of 3 (the depth-efficiency denominator was negative twice). The corpus holds 19,414 sequences of
+    # 128 tokens, so the longest runs read 38,828 views for 51,200 rows: 1.3 passes (every method the same order)
+    "depth8": dict(vocab_size=512, d_model=128, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=384, seq_len=128,
+                   batch_size=16, total_steps=3200, fresh_data=True, finetune_steps=100, clm_steps=50, lr=3e-3,
+                   warmup=100, eval_seq=256, log_interval=20),
     "gpu": dict(vocab_size=4096, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, d_ff=1024, seq_len=128,
                 batch_size=32, steps=1500, finetune_steps=300, clm_steps=300, lr=2e-3, eval_seq=1024,
                 log_interval=25),

@@ -82,4 +82,6 @@ def test_demo_json_line_on_a_tiny_config(tmp_path, monkeypatch, capsys):
     bpb = summary["val_loss"] / math.log(2) / summary["bytes_per_token"]
     assert summary["clm_bits_per_byte"] == pytest.approx(bpb, abs=1e-3)
     assert summary["unigram_loss"] > 0 and summary["bytes_per_token"] > 1
-    assert "| unigram of the training split" in out and "--- diffusion sample" in out and "--- clm sample" in out
+    assert "| unigram of the training split" in out and "--- clm sample" in out
+    assert "--- diffusion, ancestral: random order sample" in out
+    assert "--- diffusion, left to right: blocks of 1 sample" in out

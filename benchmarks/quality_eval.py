@@ -20,6 +20,7 @@ import statistics
 import torch
 
 from stackwise.engine.evaluate import diffusion_elbo
+from stackwise.engine.recipes import cache_layer, overlap_layers
 from stackwise.objective import diffusion_mask, masked_accuracy, masked_loss
 from stackwise.plan import plan_cache, plan_end_to_end, plan_stage
 
@@ -78,8 +79,17 @@ def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
             extra = min(overlap, first)
             one = plan_stage(cfg, layer=first, train_head=th, **kw).flops_per_token
             total += (one + (K - 1 + extra + top) * layer) * steps[i] * unit
-            # the stage's outputs on every train view are cached (forward of its layers)
-            total += (K + extra) * plan_cache(cfg, layer=first, **kw).flops_per_token * n_views * cfg.data.seq_len
+            # the stage caches the next stage's input, layer cache_layer (forward from its first layer), on the
+            # train rows the later stages read (every view under engine.cache_rows=all; shards rounded away)
+            out = cache_layer(cfg, first)
+            if out >= 0 and i + 1 < len(steps):
+                depth = out - overlap_layers(cfg, [first])[0] + 1
+                later = steps[i + 1:]
+                read = (sum(later) if t.stage_data == "continue" else max(later)) * unit
+                rows = n_views * cfg.data.seq_len
+                if cfg.engine.cache_rows == "read":
+                    rows = min(rows, read)
+                total += depth * plan_cache(cfg, layer=first, **kw).flops_per_token * rows
     if method.get("finetune"):
         total += e2e * t.finetune_steps * t.batch_size * cfg.data.seq_len
     return total

@@ -151,6 +151,8 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
     "lw_overlap2_1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 2}),
     "lw_overlap2_split": _lw(0.4375, **{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,
                                         "train.overlap_layers": 2}),
+    # session 6, 8 layers: a window of 3 at 1x (a stage holds 4 layers; each layer trains in 4 stages, not 3)
+    "lw_overlap3_1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 3}),
     "lw_grow": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5, "train.overlap_layers": 64}),
     "lw_grow1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 64}),
     "lw_overlap_prev": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,

@@ -90,7 +90,8 @@ METHODS = {
     "e2e": {"kind": "e2e"},
     "e2e_long": {"kind": "e2e", "steps_mult": "n_layers"},
     "e2e1_long": {"kind": "e2e", "steps_mult": "n_layers", "model_layers": 1},
-    # the default config (since issue 13: train.stage_overlap with a window of 2 at 1x lr, stage_residual_init)
+    # the default config (issue 13: train.stage_overlap with a window of 3 at 1x lr since session 6, 2 in session 5;
+    # stage_residual_init)
     "layerwise": {"kind": "stages", "layers_per_stage": 1},
     "layerwise_ft": {"kind": "stages", "layers_per_stage": 1, "finetune": True, "source": "layerwise"},
     # plain one-layer stages (the default before issue 13) and the earlier options on top of them

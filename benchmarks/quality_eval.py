@@ -136,11 +136,12 @@ def depth_efficiency(loss: float, loss_1layer: float, loss_full: float) -> dict:
 
     ``(loss_1layer - loss) / (loss_1layer - loss_full)``: 1 = as good as the full-depth end-to-end model
     (``e2e_long``), 0 = no better than a 1-layer model trained end to end on the same tokens (``e2e1_long``).
-    The denominator (nats) comes with it; under ``DEPTH_MIN_DENOM`` the ratio is flagged as too small to judge.
+    The denominator (nats) comes with it; under ``DEPTH_MIN_DENOM`` the ratio is flagged as too small to judge,
+    a negative one (the 1-layer model beat the full-depth one) included: there the ratio means nothing.
     """
     den = loss_1layer - loss_full
     return {"value": (loss_1layer - loss) / den if den != 0 else None, "denominator": den,
-            "too_small": abs(den) < DEPTH_MIN_DENOM}
+            "too_small": den < DEPTH_MIN_DENOM}
 
 
 def _mstd(xs: list[float]) -> dict:
@@ -172,6 +173,8 @@ def depth_summary(rows: list[dict], loss_key: str = "loss_mix") -> dict:
         if per:
             too_small = [p["seed"] for p in per if p["too_small"]]
             entry["depth_efficiency"] = {**_mstd([p["value"] for p in per]),
+                                         # over the seeds whose denominator is >= DEPTH_MIN_DENOM only
+                                         "judgeable": _mstd([p["value"] for p in per if not p["too_small"]]),
                                          "denominator": _mstd([p["denominator"] for p in per]),
                                          "too_small_to_judge": bool(too_small), "too_small_seeds": too_small,
                                          "min_denominator": DEPTH_MIN_DENOM, "per_seed": per}
@@ -209,8 +212,9 @@ def summarize(rows: list[dict], baseline: str = "e2e") -> tuple[str, dict]:
                       "gap_pct_std": statistics.stdev(gaps) if len(gaps) > 1 else None,
                       "min_layer_gain": min(gains) if gains else None, **depth.get(m, {})}
         de = depth.get(m, {}).get("depth_efficiency")
-        de_cell = "" if de is None else (_ms([p["value"] for p in de["per_seed"]])
-                                         + (" (denominator < 0.1 nats)" if de["too_small_to_judge"] else ""))
+        de_cell = "" if de is None else (_ms([p["value"] for p in de["per_seed"]]) + (
+            f" (denominator < 0.1 nats on seeds {de['too_small_seeds']}; the others: "
+            f"{_ms([p['value'] for p in de['per_seed'] if not p['too_small']])})" if de["too_small_to_judge"] else ""))
         cells = [m, str(len(rs)), _ms([r["loss_mix"] for r in rs]), _pct(gaps),
                  _pct([r["vs_e2e_long_pct"] for r in rs if "vs_e2e_long_pct" in r]), de_cell,
                  _ms([r["acc_mix"] for r in rs])]

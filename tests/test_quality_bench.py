@@ -39,6 +39,17 @@ def test_depth_efficiency_formula():
     assert small["value"] == pytest.approx(0.6) and small["denominator"] == pytest.approx(0.05)
     assert small["too_small"]
     assert qe.depth_efficiency(4.0, 4.0, 4.0)["value"] is None and qe.depth_efficiency(4.0, 4.0, 4.0)["too_small"]
+    # the 1-layer model beat the full-depth one: the ratio means nothing, whatever the size of the gap
+    assert qe.depth_efficiency(4.0, 4.0, 4.3)["too_small"]
+
+
+def test_depth_summary_means_judgeable_seeds_apart():
+    qe = _eval_mod()
+    loss = {("e2e1_long", 0): 5.0, ("e2e_long", 0): 4.0, ("layerwise", 0): 4.1,
+            ("e2e1_long", 1): 4.0, ("e2e_long", 1): 4.3, ("layerwise", 1): 3.9}
+    de = qe.depth_summary([{"method": m, "seed": s, "loss_mix": v} for (m, s), v in loss.items()])["layerwise"][
+        "depth_efficiency"]
+    assert de["too_small_seeds"] == [1] and de["judgeable"]["mean"] == pytest.approx(0.9) and de["judgeable"]["n"] == 1
 
 
 def test_depth_summary_known_numbers():

@@ -261,7 +261,8 @@ class EngineConfig:
     cache_dtype: str = "float32"
     """Dtype of cached layer outputs on disk: float32, bfloat16 or float16."""
     cache_keep: str = "all"
-    """Keep every written activation cache (all), or delete a stage's input cache once the stage has written its own (last)."""
+    """Keep every written activation cache (all), or delete a stage's input cache once the stage has written its
+    own (last)."""
     cache_shard_sequences: int = 64
     """Masked views per activation shard (shards are streamed and verified one at a time)."""
     cache_rows: str = "read"

@@ -329,7 +329,8 @@ def _cache_stage(model, run: RunDir, ran: list[int], out: int, stage: Stage, dev
     ``engine.cache_keep=last`` the stage's own input cache is then deleted."""
     if out < 0:
         return
-    cache_outputs(model, run, ran[:ran.index(out) + 1], device, cfg, env, rows=rows_read(cfg, run, env, stage.index + 1))
+    rows = rows_read(cfg, run, env, stage.index + 1)
+    cache_outputs(model, run, ran[:ran.index(out) + 1], device, cfg, env, rows=rows)
 
 
 def _flops_per_token(cfg: StackWiseConfig, env: DistEnv) -> float | None:

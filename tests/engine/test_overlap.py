@@ -59,7 +59,8 @@ def _layer_out(cfg, run, upto, ids):
     for k in range(upto + 1):  # layer k's own weights, and the input embeddings from layer 0's file (the head a
         # later file carries is tied to them, but the cached activations were computed with stage 0's embeddings)
         tensors = ckpt.load_tensors(run.layer_ckpt(k))[0]
-        keep = {n: t for n, t in tensors.items() if n.startswith(f"layers.{k}.") or (k == 0 and n == "tok_embeddings.weight")}
+        keep = {n: t for n, t in tensors.items()
+                if n.startswith(f"layers.{k}.") or (k == 0 and n == "tok_embeddings.weight")}
         ckpt.load_into(model, keep, run.layer_ckpt(k), strict=False)
     return model.run_layers(model.embed(ids), 0, upto + 1, "bidirectional")
 

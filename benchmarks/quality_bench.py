@@ -154,6 +154,12 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
                                         "train.overlap_layers": 2}),
     # session 6, 8 layers: a window of 3 at 1x (a stage holds 4 layers; each layer trains in 4 stages, not 3)
     "lw_overlap3_1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 3}),
+    # session 6: the unmeasured recipes on top of the default (window 3): the InfoPro-style reconstruction term,
+    # depth-as-time mask bands, and 1/8 of the total as the joint diffusion fine-tune after fusion
+    "lw_default_recon": {"kind": "stages", "layers_per_stage": 1, "overrides": {"objective.recon_weight": 0.1}},
+    "lw_default_depth_time": {"kind": "stages", "layers_per_stage": 1,
+                              "overrides": {"objective.stage_mask_schedule": "depth_as_time"}},
+    "lw_default_ft": {"kind": "stages", "layers_per_stage": 1, "ft_share": 0.125},
     "lw_grow": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5, "train.overlap_layers": 64}),
     "lw_grow1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 64}),
     "lw_overlap_prev": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,

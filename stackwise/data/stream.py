@@ -78,12 +78,6 @@ class ShardStream:
     def _load(self, i: int) -> dict[str, np.ndarray]:
         arrays = load_shard(self.views_dir, self.views, i)
         if self.layer is not None:
-            if not self.layer["shards"][i]["files"]:
-                raise ActivationCacheError(
-                    f"shard {i} of {self.layer_dir} was not cached: the stage that wrote it cached only the rows of "
-                    f"the batches later stages were planned to read (engine.cache_rows=read), for another batch "
-                    f"size, world size or stage split; rerun this stage and it rebuilds the cache, or set "
-                    f"engine.cache_rows=all")
             arrays["h"] = load_shard(self.layer_dir, self.layer, i)["h"]
             # a diverged layer (or an edited file with a matching manifest) must not train the next one
             if not torch.isfinite(from_storage(arrays["h"], self.layer["dtype"])).all():

@@ -61,7 +61,7 @@ def cache_outputs(model, run: RunDir, layers, device, cfg: StackWiseConfig, env:
     row-aligned shards, one per view shard. ``rows``: the train shards to write (the others are recorded as not
     cached, see :meth:`ShardWriter.skip`); None writes every one. The held-out split is always whole."""
     model.eval()
-    k = layers[-1]
+    k, part = layers[-1], ""
     for split in run.cache_splits():
         prev = run.acts(layers[0] - 1, split) if layers[0] > 0 else None
         views = read_manifest(run.views(split))
@@ -72,8 +72,8 @@ def cache_outputs(model, run: RunDir, layers, device, cfg: StackWiseConfig, env:
             writer = ShardWriter(run.acts(k, split), "layer", fresh=False)
         stream = ShardStream(run.views(split), prev, cfg.engine.cache_shard_sequences, shuffle=False)
         keep = set(range(stream.n_shards)) if rows is None or split != "train" else rows
-        if split == "train":
-            stream_n = stream.n_shards
+        if keep != set(range(stream.n_shards)):
+            part = f"; {split}: {len(keep)} of {stream.n_shards} shards"
         mine = [i for i in range(env.rank, stream.n_shards, env.world_size) if i in keep]
         if env.is_main:
             for i in sorted(set(range(stream.n_shards)) - keep):
@@ -93,7 +93,6 @@ def cache_outputs(model, run: RunDir, layers, device, cfg: StackWiseConfig, env:
             writer.close({"layer": k, "dtype": cfg.engine.cache_dtype, "d_model": cfg.model.d_model,
                           "views": views_fingerprint(views)}, shards=entries)
         barrier()
-    part = "" if rows is None or "train" not in run.cache_splits() else f"; train: {len(rows)} of {stream_n} shards"
     logger.info("cached layer %d outputs (%s, %s%s) under %s", k, cfg.engine.cache_dtype,
                 "+".join(run.cache_splits()), part, os.path.dirname(run.acts(k, "val")))
     if cfg.engine.cache_keep == "last" and layers[0] > 0 and env.is_main:

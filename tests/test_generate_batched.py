@@ -178,3 +178,47 @@ def test_launcher_repeated_prompt_equals_single_runs(make_cfg, tmp_path, monkeyp
     launcher.main()
     out = capsys.readouterr().out.strip().split("\n\n")
     assert out[0].splitlines()[1:] == [texts[0]] and out[1:] == texts[1:]
+
+
+def test_launcher_diffusion_sampler_options(make_cfg, tmp_path, monkeypatch, capsys):
+    """--remasking / --diffusion_temperature / --block_len reach the diffusion sampler: the launcher prints what
+    sample_text gives with the same settings (the demo's left-to-right sampler), and a bad value is one error."""
+    import importlib.util
+    import os
+    import sys
+
+    import yaml
+
+    from stackwise.engine.checkpoint import save_model
+    from stackwise.engine.sample import sample_text
+
+    cfg = make_cfg("data.dummy=true", f"train.out_dir={tmp_path}")
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "model.safetensors")
+    save_model(ckpt, StackWiseLM(cfg.model), cfg)
+    kw = dict(checkpoint=ckpt, mode="diffusion", max_new_tokens=6, seed=2, remasking="random",
+              diffusion_temperature=0.8, block_len=1)
+    want = sample_text(cfg, "1 2 3", **kw)[1]
+    argmax = sample_text(cfg, "1 2 3", **dict(kw, remasking="low_confidence", diffusion_temperature=0.0,
+                                             block_len=None))[1]
+    assert want != argmax  # the options change the sample, so the launcher check below can see them
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gen_launcher", os.path.join(root, "launchers", "generate.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    base = ["generate.py", "--config", str(cfg_file), "--checkpoint", ckpt, "--mode", "diffusion", "--prompt", "1 2 3",
+            "--max_new_tokens", "6", "--seed", "2"]
+    monkeypatch.setattr(sys, "argv", base + ["--remasking", "random", "--diffusion_temperature", "0.8",
+                                             "--block_len", "1"])
+    launcher.main()
+    assert capsys.readouterr().out.strip().splitlines()[1:] == [want]
+    monkeypatch.setattr(sys, "argv", base)
+    launcher.main()
+    assert capsys.readouterr().out.strip().splitlines()[1:] == [argmax]
+    monkeypatch.setattr(sys, "argv", base + ["--block_len", "0"])
+    with pytest.raises(SystemExit):
+        launcher.main()
+    assert "block_len" in capsys.readouterr().err

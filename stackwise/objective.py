@@ -232,3 +232,24 @@ class Objective:
         scored = loss_mask.float() + self.recon_weight * (~loss_mask).float()
         scored = scored * self.in_band(loss_mask).float().unsqueeze(1)
         return masked_loss(logits, targets, scored, weights, denom)
+
+    def head_loss(self, h: torch.Tensor, head, targets: torch.Tensor, loss_mask: torch.Tensor,
+                  denom: torch.Tensor | float | None = None) -> torch.Tensor:
+        """``loss(head(h), ...)`` with the head run only at the scored positions.
+
+        The diffusion and MLM losses score only masked positions (a diffusion view masks 15-90% of them), so the
+        output projection, the softmax and their [B, T, V] float32 buffers are spent on those rows alone: the same
+        loss and gradients, a smaller head bill (at 128k ids the logits of all positions are the largest
+        activation of a stage). CLM scores every position and the reconstruction term every unmasked one: they
+        take the full path. ``head`` maps h [..., C] to logits [..., V] position by position.
+        """
+        if self.policy == "clm" or self.recon_weight:
+            return self.loss(head(h), targets, loss_mask, denom)
+        if denom is None:
+            denom = self.normalizer(loss_mask)
+        scored = loss_mask if self.band is None else loss_mask & self.in_band(loss_mask).unsqueeze(1)
+        ce = F.cross_entropy(head(h[scored]).float(), targets[scored], reduction="none")
+        weights = self.weights(loss_mask)
+        if weights is not None:
+            ce = ce * weights.to(ce.dtype).unsqueeze(1).expand_as(loss_mask)[scored]
+        return ce.sum() / denom

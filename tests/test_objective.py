@@ -117,3 +117,36 @@ def test_objective_owns_the_attention_mode():
     assert Objective.from_config(ObjectiveConfig(), m, "diffusion").attention_mode == "bidirectional"
     # loss weighting applies to diffusion only
     assert Objective.from_config(ObjectiveConfig(loss_weighting="inv_t"), m, "mlm").loss_weighting == "none"
+
+
+@pytest.mark.parametrize("policy,kw", [("diffusion", {}), ("diffusion", {"loss_weighting": "inv_t"}),
+                                       ("diffusion", {"band": (0.3, 0.7)}), ("mlm", {}),
+                                       ("diffusion", {"recon_weight": 0.1}), ("clm", {})])
+def test_head_loss_equals_the_full_head(policy, kw):
+    """Objective.head_loss (the head run at scored positions only) gives the loss and gradients of
+    loss(head(h)) for every objective. Both paths take the cross-entropy in float32 (as the objective always
+    does), so they agree to float32 summation order; a different formula would be off by far more."""
+    from stackwise.objective import Objective
+
+    torch.manual_seed(0)
+    B, T, C, V = 6, 16, 8, 11
+    obj = Objective(policy=policy, mask_id=V - 1, vocab_size=V, **kw)
+    views = obj.mask(torch.randint(0, V - 1, (B, T)), torch.Generator().manual_seed(1))
+    head = torch.nn.Sequential(torch.nn.LayerNorm(C), torch.nn.Linear(C, V)).double()
+    h = torch.randn(B, T, C, dtype=torch.float64)
+    grads = []
+    for fn in (lambda x: obj.loss(head(x), views["targets"], views["loss_mask"]),
+               lambda x: obj.head_loss(x, head, views["targets"], views["loss_mask"]),
+               lambda x: obj.head_loss(x, head, views["targets"], views["loss_mask"], denom=7.0) * 7.0 /
+               obj.normalizer(views["loss_mask"])):
+        x = h.clone().requires_grad_()
+        head.zero_grad()
+        loss = fn(x)
+        loss.backward()
+        grads.append((loss.detach(), x.grad, head[1].weight.grad.clone()))
+    assert grads[0][0] > 0 and grads[0][1].abs().sum() > 0
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    if policy != "clm" and not kw.get("recon_weight"):  # unscored positions get no gradient at all
+        assert (grads[0][1][~views["loss_mask"]] == 0).all()

@@ -57,14 +57,19 @@ class StageModule(nn.Module):
         ckpt = self.checkpointing and torch.is_grad_enabled()
         return run_stage_layers(self.lm, h, self.layers, self.objective.attention_mode, ckpt)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x (ids [B, T] or h [B, T, C]) -> logits [B, T, V] after the unit's layers (, the top) and the head."""
+    def _top(self, x: torch.Tensor) -> torch.Tensor:
+        """x (ids [B, T] or h [B, T, C]) -> what the head reads: h after the unit's layers (and the top)."""
         h = self.hidden(x)
         if self.top:
             h = run_stage_layers(self.lm, h, self.top, self.objective.attention_mode,
                                  self.checkpointing and torch.is_grad_enabled())
-        return self.lm.head(h)
+        return h
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (ids [B, T] or h [B, T, C]) -> logits [B, T, V] after the unit's layers (, the top) and the head."""
+        return self.lm.head(self._top(x))
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
                 denom: torch.Tensor | float | None = None) -> torch.Tensor:
-        return self.objective.loss(self.logits(x), targets, loss_mask, denom)
+        # the head runs only where the objective scores a position (Objective.head_loss)
+        return self.objective.head_loss(self._top(x), self.lm.head, targets, loss_mask, denom)

@@ -198,7 +198,7 @@ class TrainConfig:
     resume: bool = False
     """Resume an interrupted stage or fine-tune from its last resumable checkpoint."""
     eval_sequences: int = 64
-    """Held-out sequences used for per-stage and fine-tuning evaluation."""
+    """Held-out sequences used for per-stage and fine-tuning evaluation, spread evenly over the held-out split."""
     finetune_steps: int = 100
     """Optimizer steps of fine_tune (CLM / MLM / diffusion) on the fused model."""
     finetune_lr: float = 0.0

@@ -338,7 +338,7 @@ def load_shard(directory: str, manifest: dict, i: int) -> dict[str, np.ndarray]:
 
 
 def build_views(directory: str, sequences, *, objective, draws: int, seed: int, shard_rows: int,
-                progress=None) -> dict:
+                progress=None, meta: dict | None = None) -> dict:
     """Draw ``draws`` masked views per sequence with ``objective`` and write them as shards.
 
     Args:
@@ -346,6 +346,7 @@ def build_views(directory: str, sequences, *, objective, draws: int, seed: int, 
         objective: the :class:`~stackwise.objective.Objective` whose ``mask(ids, generator)`` draws each batch's
             masks (the stages' diffusion policy); the stored ``rate`` is each view's realised mask rate.
         progress: optional callable(n_done, n_total) for progress reporting.
+        meta: more fields for the manifest (e.g. how the sequences were chosen).
     """
     g = torch.Generator().manual_seed(seed)
     writer = ShardWriter(directory, "views")
@@ -376,7 +377,7 @@ def build_views(directory: str, sequences, *, objective, draws: int, seed: int, 
     return writer.close({"seed": seed, "draws": draws, "sequences": n, "seq_len": seq_len,
                          "policy": objective.policy, "mask_id": objective.mask_id,
                          "mask_fraction_min": objective.mask_fraction_min,
-                         "mask_fraction_max": objective.mask_fraction_max})
+                         "mask_fraction_max": objective.mask_fraction_max, **(meta or {})})
 
 
 def views_fingerprint(views_manifest: dict) -> str:

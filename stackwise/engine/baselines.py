@@ -7,8 +7,9 @@ bytes per token measured on the same held-out text by the run's own tokenizer. T
 cross-entropy of the held-out tokens under the token frequencies of the training split (a model that ignores
 context): what a trained model's loss should be compared with.
 
-The held-out tokens are those every evaluation of a run uses: the first ``train.eval_sequences`` windows of
-``data.seq_len`` tokens of the held-out split (the masked views, the CLM fine-tune's and the ELBO's inputs).
+The held-out tokens are those every evaluation of a run uses: ``train.eval_sequences`` windows of
+``data.seq_len`` tokens spread evenly over the held-out split (the masked views, the CLM fine-tune's and the
+ELBO's inputs; :func:`~stackwise.engine.evaluate.heldout_rows`).
 """
 
 from __future__ import annotations
@@ -72,9 +73,11 @@ def bytes_per_token(tokenizer, ids) -> float:
 
 
 def _eval_ids(ds_val, cfg: StackWiseConfig) -> np.ndarray:
-    """The held-out ids every evaluation reads: the first ``train.eval_sequences`` windows, back to back."""
-    n = min(cfg.train.eval_sequences, len(ds_val))
-    return torch.cat([ds_val[i] for i in range(n)]).numpy()
+    """The held-out ids every evaluation reads (``train.eval_sequences`` windows spread over the split), back to
+    back."""
+    from .evaluate import heldout_rows
+
+    return torch.cat([ds_val[i] for i in heldout_rows(len(ds_val), cfg.train.eval_sequences)]).numpy()
 
 
 def heldout_reference(cfg: StackWiseConfig) -> dict:

@@ -16,10 +16,19 @@ import torch
 from ..objective import diffusion_mask, mask_tokens, masked_accuracy, masked_loss
 
 
+def heldout_rows(n_rows: int, limit: int) -> list[int]:
+    """The rows of a held-out split that every evaluation reads: ``limit`` windows spread evenly over its
+    ``n_rows`` (all of them when it has no more). The split holds the last part of every document, in document
+    order, so its first windows are the endings of the first few documents only; a spread sample costs the same
+    and stands for the whole split."""
+    n = min(n_rows, limit)
+    return [i * n_rows // n for i in range(n)]
+
+
 def _batches(data, batch_size: int, limit: int):
-    n = min(len(data), limit)
-    for s in range(0, n, batch_size):
-        yield torch.stack([data[i] for i in range(s, min(s + batch_size, n))])
+    rows = heldout_rows(len(data), limit)
+    for s in range(0, len(rows), batch_size):
+        yield torch.stack([data[i] for i in rows[s:s + batch_size]])
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -167,6 +168,7 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
     """Build the data and the masked views (train and val) once; later stages reuse them."""
     have = all(os.path.isfile(os.path.join(run.views(s), "manifest.json")) for s in ("train", "val"))
     if have:
+        _warn_old_heldout_rows(run, rank)
         return
     from ..data.datasets import build_datasets
 
@@ -180,7 +182,7 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
     objective = Objective.from_config(o, cfg.model, "diffusion")
     train = _head(ds.train, cfg.data.max_train_sequences) if cfg.data.max_train_sequences else ds.train
     for split, data, draws, seed in (("train", train, o.mask_draws, cfg.train.seed),
-                                     ("val", _head(ds.val, cfg.train.eval_sequences), 1, cfg.train.seed + 1)):
+                                     ("val", _heldout(ds.val, cfg.train.eval_sequences), 1, cfg.train.seed + 1)):
         if len(data) == 0:
             raise ActivationCacheError(f"the {split} split has no sequences of data.seq_len={cfg.data.seq_len} tokens")
         bar = progress_bar(len(data) * draws, f"views {split}", rank)
@@ -188,9 +190,36 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
                     split, draws)
         build_views(run.views(split), data, objective=objective, draws=draws, seed=seed,
                     shard_rows=cfg.engine.cache_shard_sequences,
+                    meta={"heldout_rows": HELDOUT_ROWS} if split == "val" else None,
                     progress=(lambda d, t: bar.update(d - bar.n)) if bar else None)
         if bar:
             bar.close()
+
+
+# how the held-out views' rows are chosen (recorded in their manifest): windows spread over the split
+HELDOUT_ROWS = "spread"
+
+
+def _warn_old_heldout_rows(run: RunDir, rank: int) -> None:
+    """A run whose held-out views predate the spread rows keeps them (its stages were measured on them), but
+    the other held-out figures (unigram, CLM, ELBO) now read the spread rows: say so once."""
+    try:
+        with open(os.path.join(run.views("val"), "manifest.json"), encoding="utf-8") as f:
+            rows = json.load(f).get("heldout_rows")
+    except (OSError, ValueError):
+        return  # a damaged manifest is refused, with its fix, where it is read
+    if rows != HELDOUT_ROWS and rank == 0:
+        logger.warning("the held-out views of %s are the split's first train.eval_sequences windows (made before "
+                       "StackWise spread them over the split); its stage losses and the unigram, CLM and ELBO "
+                       "figures now read different rows. Delete %s to measure the run again on one sample",
+                       run.root, run.root)
+
+
+def _heldout(data, n: int) -> torch.utils.data.Subset:
+    """The ``n`` held-out windows every evaluation reads (:func:`~stackwise.engine.evaluate.heldout_rows`)."""
+    from .evaluate import heldout_rows
+
+    return torch.utils.data.Subset(data, heldout_rows(len(data), n))
 
 
 def _head(data, n: int) -> torch.utils.data.Subset:

@@ -150,3 +150,23 @@ def test_head_loss_equals_the_full_head(policy, kw):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
     if policy != "clm" and not kw.get("recon_weight"):  # unscored positions get no gradient at all
         assert (grads[0][1][~views["loss_mask"]] == 0).all()
+
+
+def test_head_loss_bench_runs_and_both_sides_agree():
+    """benchmarks/head_loss_bench.py on the tiny preset: one row per stage depth, same loss on both sides (the
+    benchmark refuses to report otherwise), the head run at the batch's masked share of the positions."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("head_loss_bench", os.path.join(root, "benchmarks",
+                                                                                  "head_loss_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--config", os.path.join(root, "configs", "tiny.yaml"), "--layers", "1", "2", "--rounds", "1",
+                      "--steps", "1", "--threads", "1"])
+    assert [r["layers"] for r in out["rows"]] == [1, 2]
+    for r in out["rows"]:
+        assert r["full_ms"] > 0 and r["scored_ms"] > 0 and r["loss"] > 0
+        assert r["scored_positions"] / r["positions"] == pytest.approx(out["mask_rate"], abs=1e-4)
+        assert 0 < r["scored_positions"] < r["positions"]

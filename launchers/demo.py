@@ -17,17 +17,18 @@ from stackwise.engine.sample import sample_text
 from stackwise.engine.stages import train_all
 
 # samplers: CLM nucleus sampling (temperature 0.8, top-p 0.95); diffusion the masked-diffusion model's own
-# ancestral sampler (positions unmasked in random order, each drawn at temperature 1), which the ELBO scores,
-# and the same denoiser unmasking left to right one position per step (semi-autoregressive blocks of 1 token,
-# temperature 0.8): each token is drawn with all the text before it known, which reads closest to text at this
-# model size (session 6, compared by eye on run D's fused model with blocks of 1, 2, 4, 8 and the whole window).
+# ancestral sampler (positions unmasked in random order, each drawn at temperature 1 from the whole
+# distribution), which the ELBO scores, and the same denoiser unmasking left to right one position per step
+# (semi-autoregressive blocks of 1 token, temperature 0.8 and, since session 7, the CLM sample's nucleus 0.95):
+# each token is drawn with all the text before it known, which reads closest to text at this model size
+# (session 6, compared by eye on run D's fused model with blocks of 1, 2, 4, 8 and the whole window).
 # Greedy low-confidence commits (the earlier default) fill the window with the most frequent tokens first:
 # newlines, speaker names, "Exit"
 SAMPLES = (("clm", "clm", "ROMEO:\n", {}),
            ("diffusion, ancestral: random order", "diffusion", "KING HENRY:\n",
-            {"diffusion_temperature": 1.0, "remasking": "random"}),
+            {"diffusion_temperature": 1.0, "remasking": "random", "top_p": 1.0}),
            ("diffusion, left to right: blocks of 1", "diffusion", "KING HENRY:\n",
-            {"diffusion_temperature": 0.8, "remasking": "random", "block_len": 1}))
+            {"diffusion_temperature": 0.8, "remasking": "random", "block_len": 1, "top_p": 0.95}))
 
 
 def cpu_seconds() -> float:

@@ -24,8 +24,10 @@ def main() -> None:
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: max_new_tokens)")
     p.add_argument("--temperature", type=float, default=0.8, help="clm sampling temperature")
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--top_k", type=int, default=0,
+                   help="draw among the k most likely tokens (clm; diffusion with --diffusion_temperature > 0)")
+    p.add_argument("--top_p", type=float, default=0.95,
+                   help="nucleus: draw within this probability mass (clm; diffusion with --diffusion_temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence",
                    help="diffusion: which masked positions each step commits")

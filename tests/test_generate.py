@@ -249,6 +249,30 @@ def test_diffusion_reproducible_and_empty_prompt(make_cfg):
     assert torch.equal(a, b) and a.shape == (2, 8) and not bool((a == model.mask_id).any())
 
 
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_diffusion_top_k_top_p_filter_the_draws(make_cfg, remasking):
+    """top_k=1 or a vanishing nucleus turn a hot sampler into the argmax: with low-confidence commits the very
+    output of temperature 0 (random order draws its positions after the token draws, so there the two filters
+    agree with each other); no filter draws other tokens; bad values are refused like the CLM sampler's."""
+    model = _model(make_cfg)
+    prompt = _prompt(model)
+
+    def run(**kw):
+        return generate_diffusion(model, prompt, 12, steps=6, remasking=remasking,
+                                  generator=torch.Generator().manual_seed(4), **kw)
+
+    greedy = run(temperature=0.0) if remasking == "low_confidence" else run(temperature=2.0, top_k=1)
+    assert torch.equal(run(temperature=2.0, top_k=1), greedy)
+    assert torch.equal(run(temperature=2.0, top_p=1e-6), greedy)
+    hot = run(temperature=2.0)
+    assert not torch.equal(hot, greedy)
+    assert torch.equal(run(temperature=2.0, top_p=1.0, top_k=0), hot)  # the defaults filter nothing
+    with pytest.raises(ValueError, match="top_p"):
+        run(temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        run(temperature=1.0, top_k=-1)
+
+
 def test_diffusion_errors(make_cfg):
     model = _model(make_cfg)
     ok = _prompt(model)

@@ -41,8 +41,8 @@ def sample_texts(cfg: StackWiseConfig, prompts: list[str], *, mode: str = "clm",
     ``mode="clm"`` samples left to right with a KV cache; "diffusion"/"mlm" unmask all new positions over
     ``steps`` iterations (default max_new_tokens) with ``remasking`` ("low_confidence": the most confident
     predictions first; "random": positions in random order, the masked-diffusion model's own ancestral
-    sampler), committing the argmax (``diffusion_temperature=0``) or a sample at that temperature, over one
-    window or left-to-right blocks of ``block_len`` tokens. Every prompt draws from its own generator seeded
+    sampler), committing the argmax (``diffusion_temperature=0``) or a sample at that temperature (filtered by
+    ``top_k`` / ``top_p`` as in CLM), over one window or left-to-right blocks of ``block_len`` tokens. Every prompt draws from its own generator seeded
     with ``seed``, so its text is the one a one-prompt call with that seed gives.
     """
     from ..data.text import load_tokenizer
@@ -72,6 +72,6 @@ def sample_texts(cfg: StackWiseConfig, prompts: list[str], *, mode: str = "clm",
                            generator=g)
     else:
         out = generate_diffusion(model, prompt_ids, max_new_tokens, steps=steps, temperature=diffusion_temperature,
-                                 generator=g, block_len=block_len, remasking=remasking)
+                                 generator=g, block_len=block_len, remasking=remasking, top_k=top_k, top_p=top_p)
     texts = [tok.decode(r.tolist()) if tok is not None else " ".join(map(str, r.tolist())) for r in out]
     return path, texts

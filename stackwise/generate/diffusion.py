@@ -17,6 +17,7 @@ from ._common import (
     _check_sampling,
     _log_once,
     _row_generator,
+    filter_logits,
 )
 
 REMASKING = ("low_confidence", "random")
@@ -48,6 +49,8 @@ def generate_diffusion(
     generator: torch.Generator | list[torch.Generator] | None = None,
     block_len: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """Masked-diffusion sampling by iterative unmasking (LLaDA-style).
 
@@ -66,6 +69,9 @@ def generate_diffusion(
         gen_len: number of tokens to generate (>= 0); longest prompt + gen_len <= model.cfg.max_seq_len.
         steps: denoising steps (default gen_len, one token per step); at least the number of blocks.
         temperature: 0 commits the argmax; > 0 samples each prediction from softmax(logits / temperature).
+        top_k, top_p: with temperature > 0, draw only among the k most likely tokens / the nucleus of mass
+            top_p (as the CLM sampler; 0 and 1 = off). The confidence that "low_confidence" ranks by stays the
+            unfiltered probability of the drawn token.
         remasking: "low_confidence" commits the positions whose prediction has the highest probability (the
             least confident stay masked); "random" commits uniformly chosen masked positions.
         generator: ``torch.Generator`` on the model's device, for temperature > 0 and "random" remasking; or
@@ -85,7 +91,7 @@ def generate_diffusion(
     B, T0 = prompt.shape
     _check_length(model, T0, gen_len, "gen_len")
     generator = _check_generator(generator, prompt.device, B)
-    _check_sampling(temperature, 0, 1.0)
+    _check_sampling(temperature, top_k, top_p)
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {list(REMASKING)}, got {remasking!r}")
     if gen_len == 0:
@@ -101,7 +107,8 @@ def generate_diffusion(
     if model.cfg.attention.attention_type == "kernel" and batch.pad is not None:
         _log_once("kernel-ragged-diffusion", "generate_diffusion: kernel (random-feature) attention takes no key "
                   "mask; prompts of different lengths run one at a time")
-        kw = dict(steps=steps, temperature=temperature, remasking=remasking, block_len=block_len)
+        kw = dict(steps=steps, temperature=temperature, remasking=remasking, block_len=block_len, top_k=top_k,
+                  top_p=top_p)
         return [generate_diffusion(model, batch.row(b), gen_len, generator=_row_generator(generator, b), **kw)[0]
                 for b in range(B)]
 
@@ -120,7 +127,8 @@ def generate_diffusion(
                 for k in diffusion_schedule(hi - lo, block_steps):
                     if k > 0:
                         logits = _logits(model, x, T0, positions, key_mask)
-                        xg = _commit(logits, x[:, T0:], in_block, k, temperature, remasking, generator, mask_id)
+                        xg = _commit(logits, x[:, T0:], in_block, k, temperature, remasking, generator, mask_id,
+                                     top_k, top_p)
                         x = torch.cat([x[:, :T0], xg], dim=1)
                     if callback is not None:
                         callback(step, x)
@@ -141,7 +149,7 @@ def _logits(model, x, T0, positions, key_mask) -> torch.Tensor:
     return logits
 
 
-def _commit(logits, xg, in_block, k, temperature, remasking, generator, mask_id) -> torch.Tensor:
+def _commit(logits, xg, in_block, k, temperature, remasking, generator, mask_id, top_k=0, top_p=1.0) -> torch.Tensor:
     """Commit k masked positions per row of the continuation xg [B, G] inside in_block [G]; logits [B, G, V].
 
     Random draws cover only the continuation, row by row when ``generator`` is a list, so a row's draws do
@@ -153,7 +161,7 @@ def _commit(logits, xg, in_block, k, temperature, remasking, generator, mask_id)
     if temperature == 0:
         pred = logits.argmax(-1)
     else:
-        sample_probs = torch.softmax(logits / temperature, dim=-1)
+        sample_probs = torch.softmax(filter_logits(logits / temperature, top_k=top_k, top_p=top_p), dim=-1)
         if per_row:
             pred = torch.stack([torch.multinomial(sample_probs[b], 1, generator=g).squeeze(-1)
                                 for b, g in enumerate(generator)])

@@ -42,8 +42,9 @@ def sample_texts(cfg: StackWiseConfig, prompts: list[str], *, mode: str = "clm",
     ``steps`` iterations (default max_new_tokens) with ``remasking`` ("low_confidence": the most confident
     predictions first; "random": positions in random order, the masked-diffusion model's own ancestral
     sampler), committing the argmax (``diffusion_temperature=0``) or a sample at that temperature (filtered by
-    ``top_k`` / ``top_p`` as in CLM), over one window or left-to-right blocks of ``block_len`` tokens. Every prompt draws from its own generator seeded
-    with ``seed``, so its text is the one a one-prompt call with that seed gives.
+    ``top_k`` / ``top_p`` as in CLM), over one window or left-to-right blocks of ``block_len`` tokens. Every
+    prompt draws from its own generator seeded with ``seed``, so its text is the one a one-prompt call with that
+    seed gives.
     """
     from ..data.text import load_tokenizer
 

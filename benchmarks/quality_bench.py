@@ -160,6 +160,13 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
     "lw_default_depth_time": {"kind": "stages", "layers_per_stage": 1,
                               "overrides": {"objective.stage_mask_schedule": "depth_as_time"}},
     "lw_default_ft": {"kind": "stages", "layers_per_stage": 1, "ft_share": 0.125},
+    # session 7, fair-baseline checks: e2e_long with the default stages' residual init (each layer's output
+    # projections initialised for a depth of 1, as every stage's new layer is under train.stage_residual_init; the
+    # end-to-end model otherwise initialises them for n layers), and every baseline with the reconstruction term
+    "e2e_long_ri": {"kind": "e2e", "steps_mult": "n_layers", "overrides": {"model.residual_init_depth": 1}},
+    "e2e_long_recon": {"kind": "e2e", "steps_mult": "n_layers", "overrides": {"objective.recon_weight": 0.1}},
+    "e2e1_long_recon": {"kind": "e2e", "steps_mult": "n_layers", "model_layers": 1,
+                        "overrides": {"objective.recon_weight": 0.1}},
     "lw_grow": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5, "train.overlap_layers": 64}),
     "lw_grow1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 64}),
     "lw_overlap_prev": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5,

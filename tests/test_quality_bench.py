@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: MIT
 """Smoke test of benchmarks/quality_bench.py at --size micro, and of the phase-2 stage options it measures."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -146,3 +147,18 @@ def test_lw_init_prev_method_config(tmp_path):
     assert cfg.train.max_steps == base.train.max_steps and cfg.train.layers_per_stage == 1
     one = bench.build_cfg("micro", "e2e1_long", 0, str(tmp_path), "cpu")
     assert one.model.n_layers == 1 and one.train.max_steps == 2 * base.train.max_steps
+
+
+def test_fair_baseline_methods_config(tmp_path):
+    """e2e_long_ri is e2e_long with the stages' residual init (output projections for a depth of 1); the _recon
+    baselines add objective.recon_weight 0.1 and change nothing else."""
+    bench = _bench()
+    ref = bench.build_cfg("depth", "e2e_long", 0, str(tmp_path), "cpu")
+    ri = bench.build_cfg("depth", "e2e_long_ri", 0, str(tmp_path), "cpu")
+    assert ref.model.init_depth == 4 and ri.model.init_depth == 1 and ri.model.n_layers == 4
+    assert ri.train.max_steps == ref.train.max_steps == 1600
+    rec = bench.build_cfg("depth", "e2e_long_recon", 0, str(tmp_path), "cpu")
+    one = bench.build_cfg("depth", "e2e1_long_recon", 0, str(tmp_path), "cpu")
+    assert rec.objective.recon_weight == one.objective.recon_weight == 0.1 and ref.objective.recon_weight == 0
+    assert one.model.n_layers == 1 and one.train.max_steps == rec.train.max_steps == ref.train.max_steps
+    assert dataclasses.replace(rec, objective=ref.objective) == ref

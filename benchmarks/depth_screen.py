@@ -15,8 +15,6 @@ import json
 import os
 import sys
 
-import yaml
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import quality_bench as qb  # noqa: E402
@@ -41,11 +39,10 @@ def main(argv=None) -> dict:
                    help="config overrides for this unit (screening on the training loss; the row records them)")
     a = p.parse_args(argv)
     qb.EXTRA_OVERRIDES[:] = a.overrides
-    for kv in a.size_set:
-        key, _, val = kv.partition("=")
-        if key not in qb.SIZES[a.size]:
-            p.error(f"--size_set {kv}: {key!r} is not a setting of size {a.size} ({sorted(qb.SIZES[a.size])})")
-        qb.SIZES[a.size][key] = type(qb.SIZES[a.size][key])(yaml.safe_load(val))  # "false" -> False, "3e-3" -> 0.003
+    try:
+        qb.apply_size_set(a.size, a.size_set)  # "false" -> False, "3e-3" -> 0.003
+    except ValueError as e:
+        p.error(str(e))
     spec = dict(size=a.size, method=a.method, seed=a.seed, root=os.path.join(a.runs, a.size), device="cpu",
                 verbose=False, threads=1, n_layers=a.n_layers, no_clm=a.no_clm)
     row = qb.run_unit(spec)

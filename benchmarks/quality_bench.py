@@ -51,6 +51,8 @@ import shutil
 import sys
 import time
 
+import yaml
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -267,6 +269,32 @@ def _stage_records(run_dir: str, cfg) -> tuple[list, list]:
     return val, curve
 
 
+def apply_size_set(size: str, items: list[str]) -> None:
+    """``KEY=VALUE`` changes to a size's settings (depth_screen ``--size_set``), each value read as YAML and cast
+    to the setting's type ("3e-3" -> 0.003, "3200" -> 3200).
+
+    Raises:
+        ValueError: a key the size does not have (names the size's keys).
+    """
+    for kv in items:
+        key, _, val = kv.partition("=")
+        if key not in SIZES[size]:
+            raise ValueError(f"--size_set {kv}: {key!r} is not a setting of size {size} ({sorted(SIZES[size])})")
+        SIZES[size] = dict(SIZES[size], **{key: type(SIZES[size][key])(yaml.safe_load(val))})
+
+
+def row_cfg(row: dict, device: str):
+    """The config a results row was trained with: its size, method and seed, and the ``size_set`` / ``overrides``
+    depth_screen recorded (so a report's FLOPs and planned memory are those of the run, not of the plain size)."""
+    saved_size, saved_over = SIZES[row["size"]], list(EXTRA_OVERRIDES)
+    try:
+        apply_size_set(row["size"], row.get("size_set") or [])
+        EXTRA_OVERRIDES[:] = row.get("overrides") or []
+        return build_cfg(row["size"], row["method"], row["seed"], "unused", device)
+    finally:
+        SIZES[row["size"]], EXTRA_OVERRIDES[:] = saved_size, saved_over
+
+
 def set_n_layers(size: str, n_layers: int | None) -> None:
     """``--n_layers``: the size's depth (e2e_long / e2e1_long then get n_layers x steps); None keeps the size's."""
     if n_layers:
@@ -456,12 +484,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows.sort(key=lambda r: (list(METHODS).index(r["method"]), r["seed"]))
     for r in rows:
         if a.report:  # FLOPs from the current planner formula (e.g. rows written by depth_screen.py)
-            cfg = build_cfg(r["size"], r["method"], r["seed"], "unused", device)
+            cfg = row_cfg(r, device)
             n_views = cfg.objective.mask_draws * cfg.data.max_train_sequences
             r["flops"] = qe.method_flops(cfg, METHODS[r["method"]], n_views=n_views, device=device)
         if "planned_peak_mib" not in r:
-            cfg = build_cfg(r["size"], r["method"], r["seed"], "unused", device)
-            r["planned_peak_mib"] = qe.planned_peak_bytes(cfg, METHODS[r["method"]], device=device) / 2**20
+            r["planned_peak_mib"] = qe.planned_peak_bytes(row_cfg(r, device), METHODS[r["method"]],
+                                                          device=device) / 2**20
     table, summary = qe.summarize(rows)
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_total = time.process_time() - c0 + ru.ru_utime + ru.ru_stime

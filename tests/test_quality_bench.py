@@ -162,3 +162,20 @@ def test_fair_baseline_methods_config(tmp_path):
     assert rec.objective.recon_weight == one.objective.recon_weight == 0.1 and ref.objective.recon_weight == 0
     assert one.model.n_layers == 1 and one.train.max_steps == rec.train.max_steps == ref.train.max_steps
     assert dataclasses.replace(rec, objective=ref.objective) == ref
+
+
+def test_report_rebuilds_a_row_with_its_size_set_and_overrides(tmp_path):
+    """A depth_screen row run with --size_set / --set is costed with them in a report, and the sizes are left as
+    they were; an unknown key is one error naming the size's keys."""
+    bench = _bench()
+    before = dict(bench.SIZES["depth"])
+    row = {"size": "depth", "method": "e2e_long", "seed": 0, "size_set": ["total_steps=3200", "lr=1e-3"],
+           "overrides": ["objective.recon_weight=0.1"]}
+    cfg = bench.row_cfg(row, "cpu")
+    assert cfg.train.max_steps == 3200 and cfg.train.lr == 1e-3 and cfg.objective.recon_weight == 0.1
+    assert bench.SIZES["depth"] == before and bench.EXTRA_OVERRIDES == []
+    plain = bench.row_cfg({"size": "depth", "method": "e2e_long", "seed": 0}, "cpu")
+    assert plain.train.max_steps == 1600 and plain.train.lr == 3e-3
+    with pytest.raises(ValueError, match="'steps_total' is not a setting of size depth"):
+        bench.row_cfg(dict(row, size_set=["steps_total=1"]), "cpu")
+    assert bench.SIZES["depth"] == before

@@ -248,8 +248,9 @@ class Objective:
         if denom is None:
             denom = self.normalizer(loss_mask)
         scored = loss_mask if self.band is None else loss_mask & self.in_band(loss_mask).unsqueeze(1)
-        ce = F.cross_entropy(head(h[scored]).float(), targets[scored], reduction="none")
         weights = self.weights(loss_mask)
-        if weights is not None:
-            ce = ce * weights.to(ce.dtype).unsqueeze(1).expand_as(loss_mask)[scored]
-        return ce.sum() / denom
+        per_token = (torch.ones(scored.shape, device=h.device) if weights is None
+                     else weights.to(h.device, torch.float32).unsqueeze(1).expand_as(scored))[scored]
+        # the scored positions as one row: masked_loss stays the one place the training loss is computed
+        return masked_loss(head(h[scored]).unsqueeze(0), targets[scored].unsqueeze(0), per_token.unsqueeze(0),
+                           None, denom)

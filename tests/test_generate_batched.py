@@ -145,10 +145,20 @@ def test_batched_errors(make_cfg):
         generate_clm(model, [[1] * 100, [2]], 29)
 
 
-def test_launcher_repeated_prompt_equals_single_runs(make_cfg, tmp_path, monkeypatch, capsys):
-    """launchers/generate.py --prompt A --prompt B: one batch, each text equal to its one-prompt run."""
+def _generate_launcher():
+    """launchers/generate.py as a module (its main() reads sys.argv)."""
     import importlib.util
     import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gen_launcher", os.path.join(root, "launchers", "generate.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    return launcher
+
+
+def test_launcher_repeated_prompt_equals_single_runs(make_cfg, tmp_path, monkeypatch, capsys):
+    """launchers/generate.py --prompt A --prompt B: one batch, each text equal to its one-prompt run."""
     import sys
 
     import yaml
@@ -166,10 +176,7 @@ def test_launcher_repeated_prompt_equals_single_runs(make_cfg, tmp_path, monkeyp
     assert texts == [sample_text(cfg, p, **kw)[1] for p in prompts]
     assert [len(t.split()) for t in texts] == [7, 5, 9]
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("gen_launcher", os.path.join(root, "launchers", "generate.py"))
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    launcher = _generate_launcher()
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
     argv = ["generate.py", "--config", str(cfg_file), "--checkpoint", ckpt, "--max_new_tokens", "4",
@@ -183,8 +190,6 @@ def test_launcher_repeated_prompt_equals_single_runs(make_cfg, tmp_path, monkeyp
 def test_launcher_diffusion_sampler_options(make_cfg, tmp_path, monkeypatch, capsys):
     """--remasking / --diffusion_temperature / --block_len reach the diffusion sampler: the launcher prints what
     sample_text gives with the same settings (the demo's left-to-right sampler), and a bad value is one error."""
-    import importlib.util
-    import os
     import sys
 
     import yaml
@@ -203,10 +208,7 @@ def test_launcher_diffusion_sampler_options(make_cfg, tmp_path, monkeypatch, cap
                                              block_len=None))[1]
     assert want != argmax  # the options change the sample, so the launcher check below can see them
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("gen_launcher", os.path.join(root, "launchers", "generate.py"))
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    launcher = _generate_launcher()
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
     base = ["generate.py", "--config", str(cfg_file), "--checkpoint", ckpt, "--mode", "diffusion", "--prompt", "1 2 3",

@@ -329,11 +329,9 @@ def read_shard_array(directory: str, entry: dict) -> np.ndarray:
 
 def load_shard(directory: str, manifest: dict, i: int) -> dict[str, np.ndarray]:
     if not manifest["shards"][i]["files"]:  # see ShardWriter.skip
-        raise ActivationCacheError(
-            f"shard {i} of {directory} was not cached: the stage that wrote it cached only the rows of the batches "
-            f"later stages were planned to read (engine.cache_rows=read); a stage run with another batch size, world "
-            f"size or stage split rebuilds its input cache when it starts, or set engine.cache_rows=all and rerun "
-            f"the stage that writes it")
+        raise ActivationCacheError(f"shard {i} of {directory} was not cached (engine.cache_rows=read keeps the rows "
+                                   f"later stages were planned to read); a stage with another batch size, world size "
+                                   f"or split rebuilds its input cache when it starts, or set engine.cache_rows=all")
     return {name: read_shard_array(directory, e) for name, e in manifest["shards"][i]["files"].items()}
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import StackWiseConfig
+from .evaluate import heldout_rows
 
 __all__ = ["bits_per_byte", "bytes_per_token", "fused_elbo", "heldout_reference", "unigram_cross_entropy"]
 
@@ -75,8 +76,6 @@ def bytes_per_token(tokenizer, ids) -> float:
 def _eval_ids(ds_val, cfg: StackWiseConfig) -> np.ndarray:
     """The held-out ids every evaluation reads (``train.eval_sequences`` windows spread over the split), back to
     back."""
-    from .evaluate import heldout_rows
-
     return torch.cat([ds_val[i] for i in heldout_rows(len(ds_val), cfg.train.eval_sequences)]).numpy()
 
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,10 +20,11 @@ import torch
 import yaml
 
 from ..config import ConfigError, StackWiseConfig, config_from_dict, save_config
-from ..data.activations import ActivationCacheError, build_views
+from ..data.activations import ActivationCacheError, build_views, read_manifest
 from .distributed import barrier, pick_device  # noqa: F401  (re-exported: the single-process entry points use it)
 from ..objective import Objective
-from .log import logger, progress_bar
+from .evaluate import heldout_rows
+from .log import logger, progress_bar, warn_once
 
 
 # resumable-state directory prefix of each sharded backend (a new backend without an entry uses its own name)
@@ -202,23 +202,19 @@ HELDOUT_ROWS = "spread"
 
 def _warn_old_heldout_rows(run: RunDir, rank: int) -> None:
     """A run whose held-out views predate the spread rows keeps them (its stages were measured on them), but
-    the other held-out figures (unigram, CLM, ELBO) now read the spread rows: say so once."""
+    the other held-out figures (unigram, CLM, ELBO) now read the spread rows: say so once per process."""
     try:
-        with open(os.path.join(run.views("val"), "manifest.json"), encoding="utf-8") as f:
-            rows = json.load(f).get("heldout_rows")
-    except (OSError, ValueError):
-        return  # a damaged manifest is refused, with its fix, where it is read
+        rows = read_manifest(run.views("val"), what="held-out views").get("heldout_rows")
+    except ActivationCacheError:
+        return  # a damaged manifest is refused, with its fix, where a stage reads it
     if rows != HELDOUT_ROWS and rank == 0:
-        logger.warning("the held-out views of %s are the split's first train.eval_sequences windows (made before "
-                       "StackWise spread them over the split); its stage losses and the unigram, CLM and ELBO "
-                       "figures now read different rows. Delete %s to measure the run again on one sample",
-                       run.root, run.root)
+        warn_once(f"the held-out views of {run.root} are the split's first train.eval_sequences windows (made "
+                  f"before StackWise spread them over the split); its stage losses and the unigram, CLM and ELBO "
+                  f"figures now read different rows. Delete {run.root} to measure the run again on one sample")
 
 
 def _heldout(data, n: int) -> torch.utils.data.Subset:
     """The ``n`` held-out windows every evaluation reads (:func:`~stackwise.engine.evaluate.heldout_rows`)."""
-    from .evaluate import heldout_rows
-
     return torch.utils.data.Subset(data, heldout_rows(len(data), n))
 
 

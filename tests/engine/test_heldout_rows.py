@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from stackwise.data.activations import load_shard, read_manifest
+from stackwise.data.activations import _manifest_digest, load_shard, read_manifest
 from stackwise.data.datasets import build_datasets
 from stackwise.engine.baselines import _eval_ids
 from stackwise.engine.evaluate import eval_policy, heldout_rows
@@ -67,6 +67,7 @@ def test_views_and_evaluations_read_the_same_rows(make_cfg, tmp_path, caplog):
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
     old.pop("heldout_rows")
+    old["manifest_sha256"] = _manifest_digest(old)  # a valid manifest of the old kind, not a damaged one
     with open(path, "w", encoding="utf-8") as f:
         json.dump(old, f)
     with caplog.at_level(logging.WARNING, logger="stackwise"):

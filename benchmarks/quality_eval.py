@@ -150,15 +150,21 @@ def _mstd(xs: list[float]) -> dict:
             "n": len(xs)}
 
 
-def depth_summary(rows: list[dict], loss_key: str = "loss_mix") -> dict:
+DEPTH_BASELINES = ("e2e_long", "e2e1_long")
+
+
+def depth_summary(rows: list[dict], loss_key: str = "loss_mix", baselines: tuple[str, str] = DEPTH_BASELINES) -> dict:
     """Per method: depth efficiency and % gap to ``e2e_long``, per seed and as mean / std over seeds.
 
     Depth efficiency needs ``e2e1_long`` and ``e2e_long`` of the same seed, the gap only ``e2e_long``; seeds
     without them are left out, methods with none get no entry. Each row gets ``depth_efficiency``,
-    ``depth_denominator`` and ``depth_too_small`` / ``vs_e2e_long_pct`` set where they apply.
+    ``depth_denominator`` and ``depth_too_small`` / ``vs_e2e_long_pct`` set where they apply. ``baselines``
+    names the (full-depth, 1-layer) end-to-end methods, e.g. ``("e2e_long_recon", "e2e1_long_recon")`` to judge
+    the methods trained with the reconstruction term against baselines trained with it too.
     """
-    one = {r["seed"]: r[loss_key] for r in rows if r["method"] == "e2e1_long"}
-    full = {r["seed"]: r[loss_key] for r in rows if r["method"] == "e2e_long"}
+    full_name, one_name = baselines
+    one = {r["seed"]: r[loss_key] for r in rows if r["method"] == one_name}
+    full = {r["seed"]: r[loss_key] for r in rows if r["method"] == full_name}
     out: dict = {}
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
@@ -190,12 +196,14 @@ def depth_summary(rows: list[dict], loss_key: str = "loss_mix") -> dict:
     return out
 
 
-def summarize(rows: list[dict], baseline: str = "e2e") -> tuple[str, dict]:
-    """Markdown table (mean ± std over seeds per method) and a summary dict with the gap to the baseline."""
+def summarize(rows: list[dict], baseline: str = "e2e",
+              depth_baselines: tuple[str, str] = DEPTH_BASELINES) -> tuple[str, dict]:
+    """Markdown table (mean ± std over seeds per method) and a summary dict with the gap to the baseline;
+    depth efficiency and the "vs e2e_long" gap against ``depth_baselines`` (see ``depth_summary``)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {m: [r for r in rows if r["method"] == m] for m in methods}
     base = {r["seed"]: r["loss_mix"] for r in by.get(baseline, [])}
-    depth = depth_summary(rows)
+    depth = depth_summary(rows, baselines=depth_baselines)
     hdr = ["method", "seeds", "masked loss (mix)", "gap vs e2e %", "gap vs e2e_long %", "depth eff.", "acc (mix)"]
     hdr += [f"loss@{r}" for r in RATES] + \
           [f"acc@{r}" for r in RATES] + ["ELBO nats/tok", "CLM ppl", "min layer gain", "tokens/group", "GFLOP",

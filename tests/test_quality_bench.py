@@ -76,6 +76,24 @@ def test_depth_summary_known_numbers():
     assert qe.depth_summary([r for r in rows if r["method"] in ("e2e", "layerwise")]) == {}
 
 
+def test_depth_summary_named_baselines():
+    """depth_baselines judges methods against other end-to-end rows (the reconstruction-term setting): the same
+    numbers as the default names give when those rows are relabelled, and the default names' rows are ignored."""
+    qe = _eval_mod()
+    loss = {("e2e1_long_recon", 0): 5.0, ("e2e_long_recon", 0): 3.0, ("lw_recon", 0): 4.5,
+            ("e2e1_long", 0): 9.0, ("e2e_long", 0): 1.0}
+    rows = [{"method": m, "seed": s, "loss_mix": v} for (m, s), v in loss.items()]
+    named = qe.depth_summary(rows, baselines=("e2e_long_recon", "e2e1_long_recon"))["lw_recon"]
+    assert named["depth_efficiency"]["mean"] == pytest.approx(0.25)
+    assert named["vs_e2e_long_pct"]["mean"] == pytest.approx(50.0)
+    assert qe.depth_summary(rows)["lw_recon"]["depth_efficiency"]["mean"] == pytest.approx(4.5 / 8)
+    _, summary = qe.summarize([dict(r, acc_mix=0.1, elbo=4.0, tokens_per_group=1, flops=1.0, wall_s=1.0, cpu_s=1.0,
+                                    peak_mem_mib=1.0, **{f"{k}_r{x}": 1.0 for k in ("loss", "acc")
+                                                          for x in qe.RATES}) for r in rows],
+                              depth_baselines=("e2e_long_recon", "e2e1_long_recon"))
+    assert summary["lw_recon"]["depth_efficiency"]["mean"] == pytest.approx(0.25)
+
+
 def test_quality_bench_micro(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the corpus tokenizer/shards live under data/ (built once, reused)
     out, runs = tmp_path / "out", tmp_path / "runs"
@@ -162,6 +180,22 @@ def test_fair_baseline_methods_config(tmp_path):
     assert rec.objective.recon_weight == one.objective.recon_weight == 0.1 and ref.objective.recon_weight == 0
     assert one.model.n_layers == 1 and one.train.max_steps == rec.train.max_steps == ref.train.max_steps
     assert dataclasses.replace(rec, objective=ref.objective) == ref
+
+
+def test_session8_recipe_methods_config(tmp_path):
+    """lw_default_prev / lw_default_recon_prev are the default stages with train.stage_init_from=previous (and the
+    reconstruction term); the _ft one also spends 1/8 of the total on the joint fine-tune; nothing else changes."""
+    bench = _bench()
+    base = bench.build_cfg("depth8", "layerwise", 0, str(tmp_path), "cpu")
+    prev = bench.build_cfg("depth8", "lw_default_prev", 0, str(tmp_path), "cpu")
+    rprev = bench.build_cfg("depth8", "lw_default_recon_prev", 0, str(tmp_path), "cpu")
+    assert prev.train.stage_init_from == rprev.train.stage_init_from == "previous"
+    assert rprev.objective.recon_weight == 0.1 and prev.objective.recon_weight == 0
+    assert dataclasses.replace(prev, train=base.train) == base
+    assert dataclasses.replace(rprev, objective=base.objective, train=base.train) == base
+    assert prev.train.overlap_layers == base.train.overlap_layers == 3 and prev.train.max_steps == 400
+    assert bench.ft_steps_of("depth8", "lw_default_recon_prev_ft") == 400
+    assert bench.ft_steps_of("depth8", "lw_default_prev") == 0
 
 
 def test_report_rebuilds_a_row_with_its_size_set_and_overrides(tmp_path):

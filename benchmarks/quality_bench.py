@@ -435,6 +435,7 @@ def _parse(argv):
     p.add_argument("--n_layers", type=int, default=0, help="model depth (default: the size's; e.g. 8)")
     p.add_argument("--no_clm", action="store_true", help="skip the CLM fine-tune (faster screening; no CLM ppl)")
     p.add_argument("--depth_baselines", nargs=2, metavar=("FULL", "ONE"), default=list(qe.DEPTH_BASELINES),
+                   choices=[m for m in METHODS if METHODS[m]["kind"] == "e2e"],
                    help="the full-depth and 1-layer end-to-end methods depth efficiency and the 'vs e2e_long' gap "
                         "are judged against (default: e2e_long e2e1_long; e.g. e2e_long_recon e2e1_long_recon)")
     a = p.parse_args(argv)

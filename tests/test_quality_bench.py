@@ -92,6 +92,8 @@ def test_depth_summary_named_baselines():
                                                           for x in qe.RATES}) for r in rows],
                               depth_baselines=("e2e_long_recon", "e2e1_long_recon"))
     assert summary["lw_recon"]["depth_efficiency"]["mean"] == pytest.approx(0.25)
+    with pytest.raises(SystemExit):  # a baseline must be an end-to-end method: one argparse error naming it
+        _bench()._parse(["--report", "--depth_baselines", "e2e_long", "layerwise"])
 
 
 def test_quality_bench_micro(tmp_path, monkeypatch, capsys):

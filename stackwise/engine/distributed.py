@@ -168,11 +168,15 @@ def shutdown() -> None:
 def distributed(cfg: StackWiseConfig):
     """``with distributed(cfg) as env:`` initialises the world and always tears it down."""
     env = None
+    ok = False
     try:
         env = init_distributed(cfg)
         yield env
+        ok = True
     finally:
         if env is not None and env.backend != "single":
+            if ok:  # every rank finished: meet before tearing the group down, so no rank closes its connections
+                barrier()  # while a peer is still using them (a gloo teardown abort was seen under load)
             shutdown()
 
 

@@ -160,7 +160,8 @@ class TrainConfig:
     stage_init_from: str = "none"
     """A new stage's layers start from trained ones: "none" (off, fresh draw), "previous" (the previous stage's
     layers, layer k-1 -> k), "middle" (the middle of the trained stack 0..k-1). Stored weights only: the seeded
-    frozen MLP projections stay the new layer's own. Single backend; exclusive with stage_zero_init. With
+    frozen MLP projections stay the new layer's own. Every backend (the copy is made before the backend wraps the
+    stage model; FSDP2 tested); exclusive with stage_zero_init. With
     objective.recon_weight 0.1, "previous" raised the share of end-to-end depth the stages keep from 0.39 to 0.65
     (8 layers, 3 seeds); on the masked-only objective it was worse (benchmarks/RESULTS.md, session 8)."""
     stage_steps: list[int] = field(default_factory=list)

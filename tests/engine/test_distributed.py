@@ -307,8 +307,8 @@ def test_default_overlapping_stage_matches_single_process_on_fsdp(tmp_path):
 def test_stage_init_from_on_fsdp_matches_single_process(tmp_path):
     """train.stage_init_from=previous is applied to the host model before any backend wraps it, so a 2-rank FSDP2
     stage 1 starts from the same copy of layer 0 as one process and ends at the same weights (same criterion as
-    the default-overlap test above; without the copy layer 1 would start from a fresh draw and differ by far
-    more)."""
+    the default-overlap test above; measured 7e-6 of the norm; FSDP2 without the copy ends 0.39 of the norm away
+    on layer 1)."""
     ref, fsdp = tmp_path / "ref", tmp_path / "fsdp"
     cfg = _cfg(ref, "--train.batch_size=16", "--train.stage_init_from=previous")
     train_stage(cfg, 0)

@@ -119,6 +119,13 @@ def _lw(share: float = 0.0, **overrides) -> dict:
     return dict(m, stage0_share=share) if share else m
 
 
+def _default(ft_share: float = 0.0, **overrides) -> dict:
+    """The default stages (the config's overlap window) with config overrides; ``ft_share``: the share of the
+    total steps spent on the joint diffusion fine-tune after fusion."""
+    m = dict({"kind": "stages", "layers_per_stage": 1}, **({"overrides": overrides} if overrides else {}))
+    return dict(m, ft_share=ft_share) if ft_share else m
+
+
 # every setting fixed a priori (same 1,600 total steps at the cpu size); nothing chosen on the held-out split
 RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one unit at a time)
     "lw_init_prev": _lw(**{"train.stage_init_from": "previous"}),
@@ -158,10 +165,9 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
     "lw_overlap3_1": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 3}),
     # session 6: the unmeasured recipes on top of the default (window 3): the InfoPro-style reconstruction term,
     # depth-as-time mask bands, and 1/8 of the total as the joint diffusion fine-tune after fusion
-    "lw_default_recon": {"kind": "stages", "layers_per_stage": 1, "overrides": {"objective.recon_weight": 0.1}},
-    "lw_default_depth_time": {"kind": "stages", "layers_per_stage": 1,
-                              "overrides": {"objective.stage_mask_schedule": "depth_as_time"}},
-    "lw_default_ft": {"kind": "stages", "layers_per_stage": 1, "ft_share": 0.125},
+    "lw_default_recon": _default(**{"objective.recon_weight": 0.1}),
+    "lw_default_depth_time": _default(**{"objective.stage_mask_schedule": "depth_as_time"}),
+    "lw_default_ft": _default(0.125),
     # session 7, fair-baseline checks: e2e_long with the default stages' residual init (each layer's output
     # projections initialised for a depth of 1, as every stage's new layer is under train.stage_residual_init; the
     # end-to-end model otherwise initialises them for n layers), and every baseline with the reconstruction term
@@ -171,13 +177,10 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
                         "overrides": {"objective.recon_weight": 0.1}},
     # session 8, the reconstruction-term setting (where depth efficiency is judgeable on every seed): the default
     # with each new layer started from the previous one (G_stack-style), with and without the term
-    "lw_default_recon_prev": {"kind": "stages", "layers_per_stage": 1,
-                              "overrides": {"objective.recon_weight": 0.1, "train.stage_init_from": "previous"}},
-    "lw_default_prev": {"kind": "stages", "layers_per_stage": 1, "overrides": {"train.stage_init_from": "previous"}},
-    "lw_default_recon_prev_ft": {"kind": "stages", "layers_per_stage": 1, "ft_share": 0.125,
-                                 "overrides": {"objective.recon_weight": 0.1, "train.stage_init_from": "previous"}},
-    "lw_default_recon_mid": {"kind": "stages", "layers_per_stage": 1,
-                             "overrides": {"objective.recon_weight": 0.1, "train.stage_init_from": "middle"}},
+    "lw_default_recon_prev": _default(**{"objective.recon_weight": 0.1, "train.stage_init_from": "previous"}),
+    "lw_default_prev": _default(**{"train.stage_init_from": "previous"}),
+    "lw_default_recon_prev_ft": _default(0.125, **{"objective.recon_weight": 0.1, "train.stage_init_from": "previous"}),
+    "lw_default_recon_mid": _default(**{"objective.recon_weight": 0.1, "train.stage_init_from": "middle"}),
     "lw_grow1_recon": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 1.0, "train.overlap_layers": 64,
                              "objective.recon_weight": 0.1}),
     "lw_grow": _lw(**{"train.stage_overlap": True, "train.overlap_lr_scale": 0.5, "train.overlap_layers": 64}),

@@ -249,8 +249,8 @@ class Objective:
             denom = self.normalizer(loss_mask)
         scored = loss_mask if self.band is None else loss_mask & self.in_band(loss_mask).unsqueeze(1)
         weights = self.weights(loss_mask)
-        per_token = (torch.ones(scored.shape, device=h.device) if weights is None
-                     else weights.to(h.device, torch.float32).unsqueeze(1).expand_as(scored))[scored]
+        # each scored token's weight (all ones unweighted: the selected mask itself), no [B, T] buffer built
+        per_token = scored[scored] if weights is None else weights.unsqueeze(1).expand_as(scored)[scored]
         # the scored positions as one row: masked_loss stays the one place the training loss is computed
         return masked_loss(head(h[scored]).unsqueeze(0), targets[scored].unsqueeze(0), per_token.unsqueeze(0),
                            None, denom)

@@ -325,7 +325,26 @@ def _train_stages(cfg) -> str:
 
 
 def run_unit(spec: dict) -> dict:
-    """Train, evaluate and CLM-fine-tune one (method, seed); runs in its own process unless --no-isolate."""
+    """Train, evaluate and CLM-fine-tune one (method, seed); runs in its own process unless --no-isolate.
+
+    The quiet logger and the thread count are this unit's: put back when it returns, so that an in-process run
+    (--no-isolate, the tests) leaves the caller's logging and threads as they were.
+    """
+    import torch
+
+    log, threads = logging.getLogger("stackwise"), torch.get_num_threads()
+    was_disabled = log.disabled
+    log.disabled = was_disabled or not spec["verbose"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    try:
+        return _run_unit(spec)
+    finally:
+        log.disabled = was_disabled
+        torch.set_num_threads(threads)
+
+
+def _run_unit(spec: dict) -> dict:
     import torch
 
     from stackwise.data.datasets import build_datasets
@@ -334,10 +353,6 @@ def run_unit(spec: dict) -> dict:
     from stackwise.engine.end_to_end import train_end_to_end
     from stackwise.engine.rundir import RunDir
 
-    if not spec["verbose"]:
-        logging.getLogger("stackwise").disabled = True
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     size, method, seed, root, device = spec["size"], spec["method"], spec["seed"], spec["root"], spec["device"]
     set_n_layers(size, spec.get("n_layers"))
     m = METHODS[method]

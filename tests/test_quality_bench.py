@@ -4,6 +4,7 @@
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 
@@ -99,8 +100,12 @@ def test_depth_summary_named_baselines():
 def test_quality_bench_micro(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the corpus tokenizer/shards live under data/ (built once, reused)
     out, runs = tmp_path / "out", tmp_path / "runs"
+    threads = torch.get_num_threads()
     rows = _bench().main(["--size", "micro", "--seeds", "1", "--no-isolate", "--methods", "e2e", "block2",
                           "layerwise", "e2e_long", "e2e1_long", "--out", str(out), "--runs", str(runs)])
+    # in-process units leave the caller's logging and threads as they were (a disabled "stackwise" logger once
+    # broke the log checks of tests that ran after this one)
+    assert not logging.getLogger("stackwise").disabled and torch.get_num_threads() == threads
     by = {r["method"]: r for r in rows}
     assert set(by) == {"e2e", "block2", "layerwise", "e2e_long", "e2e1_long"}
     # e2e1_long: a 1-layer model on the tokens of all stages of the 2-layer model, like e2e_long

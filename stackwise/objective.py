@@ -42,10 +42,13 @@ def diffusion_mask(
     mask_fraction_min: float = 0.15,
     mask_fraction_max: float = 0.90,
     rate: torch.Tensor | float | None = None,
+    suffix_share: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Diffusion masking. Returns (masked_ids, targets, loss_mask, t) with t [B] the drawn rates.
 
     ``rate`` fixes t (a float or [B]) instead of drawing it, for evaluation at chosen mask rates.
+    ``suffix_share``: each sequence, with this probability, masks its last round(t T) positions instead of
+    uniformly chosen ones (drawn after everything else, so 0 leaves the generator's stream and the masks unchanged).
     """
     B, T = input_ids.shape
     gdev = generator.device
@@ -56,7 +59,12 @@ def diffusion_mask(
         t = torch.as_tensor(rate, dtype=torch.float32, device=gdev).expand(B).clone()
         lo, hi = 1, T
     counts = torch.round(t * T).long().clamp(max(lo, 1), max(min(hi, T), 1))
-    loss_mask = _random_subset(B, T, counts, generator).to(input_ids.device)
+    loss_mask = _random_subset(B, T, counts, generator)
+    if suffix_share > 0:
+        suffix = torch.rand(B, generator=generator, device=gdev) < suffix_share
+        tail = torch.arange(T, device=gdev).unsqueeze(0) >= (T - counts.to(gdev)).unsqueeze(1)
+        loss_mask = torch.where(suffix.unsqueeze(1), tail, loss_mask)
+    loss_mask = loss_mask.to(input_ids.device)
     masked = input_ids.masked_fill(loss_mask, mask_id)
     return masked, input_ids, loss_mask, t.to(input_ids.device)
 
@@ -71,8 +79,11 @@ def mask_tokens(
     mask_fraction_min: float = 0.15,
     mask_fraction_max: float = 0.90,
     mlm_rate: float = 0.15,
+    suffix_share: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply ``policy`` to input_ids [B, T]; returns (masked_ids [B, T], targets [B, T], loss_mask [B, T] bool).
+
+    ``suffix_share``: diffusion only, as :func:`diffusion_mask`.
 
     Raises:
         ValueError: unknown policy.
@@ -80,7 +91,7 @@ def mask_tokens(
     if policy == "diffusion":
         m, tgt, lm, _ = diffusion_mask(
             input_ids, generator, mask_id=mask_id, mask_fraction_min=mask_fraction_min,
-            mask_fraction_max=mask_fraction_max,
+            mask_fraction_max=mask_fraction_max, suffix_share=suffix_share,
         )
         return m, tgt, lm
     if policy == "mlm":
@@ -177,6 +188,8 @@ class Objective:
     loss_weighting: str = "none"
     attention_mode: str = "bidirectional"
     recon_weight: float = 0.0
+    suffix_share: float = 0.0
+    """``objective.suffix_mask_share`` (diffusion): the share of views masked on a suffix, not uniformly."""
     band: tuple[float, float] | None = None
     """Issue-13 ``objective.stage_mask_schedule``: only sequences whose realised mask rate lies in [lo, hi] are
     supervised (views are drawn once and cached, so a stage selects views by rate); None supervises all."""
@@ -192,14 +205,15 @@ class Objective:
                    mlm_rate=objective_cfg.mlm_rate,
                    loss_weighting=objective_cfg.loss_weighting if policy == "diffusion" else "none",
                    attention_mode=mode,
-                   recon_weight=getattr(objective_cfg, "recon_weight", 0.0) if policy == "diffusion" else 0.0)
+                   recon_weight=getattr(objective_cfg, "recon_weight", 0.0) if policy == "diffusion" else 0.0,
+                   suffix_share=getattr(objective_cfg, "suffix_mask_share", 0.0) if policy == "diffusion" else 0.0)
 
     def mask(self, input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A batch of views: ``x`` (masked ids), ``targets``, ``loss_mask`` and the realised ``rate`` [B]."""
         masked, targets, loss_mask = mask_tokens(
             input_ids, self.policy, generator, mask_id=self.mask_id, vocab_size=self.vocab_size,
             mask_fraction_min=self.mask_fraction_min, mask_fraction_max=self.mask_fraction_max,
-            mlm_rate=self.mlm_rate)
+            mlm_rate=self.mlm_rate, suffix_share=self.suffix_share)
         rate = loss_mask.float().mean(1)
         return {"x": masked, "targets": targets, "loss_mask": loss_mask, "rate": rate}
 

@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import re
 import runpy
 import sys
 
@@ -85,3 +86,29 @@ def test_demo_json_line_on_a_tiny_config(tmp_path, monkeypatch, capsys):
     assert "| unigram of the training split" in out and "--- clm sample" in out
     assert "--- diffusion, ancestral: random order sample" in out
     assert "--- diffusion, left to right: blocks of 1 sample" in out
+    # every sample says how many of its words are words of the training text, and the JSON holds the rates
+    counts = re.findall(r"\[(\d+) of its (\d+) words are words of the training text\]", out)
+    assert len(counts) == 3 and all(int(real) <= int(n) for real, n in counts)
+    rates = summary["sample_real_word_rate"]
+    assert len(rates) == 3
+    for (real, n), rate in zip(counts, rates.values()):
+        assert rate == (pytest.approx(int(real) / int(n), abs=1e-3) if int(n) else None)
+
+    # benchmarks/sample_quality.py on the demo's run: one row per demo sampler and the held-out reference
+    bench = runpy.run_path(os.path.join(ROOT, "benchmarks", "sample_quality.py"))
+    summary = bench["main"](["--config", str(tmp_path / "tiny.yaml"), "--samples", "3", "--prompt_tokens", "2",
+                             "--new_tokens", "12"])
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "JSON " + json.dumps({"summary": summary})
+    assert list(summary) == ["held-out text (reference)", "clm", "diffusion, ancestral: random order",
+                             "diffusion, left to right: blocks of 1"]
+    # the reference is the corpus's own text: every held-out word is a training word here (the lines repeat)
+    assert summary["held-out text (reference)"]["real_word_rate"] == 1.0
+    for row in summary.values():
+        assert row["words"] > 0 and 0 <= row["real_word_rate"] <= 1 and 0 < row["distinct_word_ratio"] <= 1
+    with pytest.raises(SystemExit):  # longer than a training window: one error naming the options
+        bench["main"](["--config", str(tmp_path / "tiny.yaml"), "--prompt_tokens", "8", "--new_tokens", "9"])
+    assert "--prompt_tokens + --new_tokens (17) must be <= data.seq_len (16)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench["main"](["--config", str(tmp_path / "tiny.yaml"), "--data.dummy=true"])
+    assert "needs a text run with a held-out split" in capsys.readouterr().err

@@ -187,6 +187,27 @@ def test_launcher_repeated_prompt_equals_single_runs(make_cfg, tmp_path, monkeyp
     assert out[0].splitlines()[1:] == [texts[0]] and out[1:] == texts[1:]
 
 
+def test_sample_texts_one_seed_per_prompt(make_cfg, tmp_path):
+    """seed=[...]: each prompt's text is its one-prompt run with its own seed (CLM and diffusion); a list of the
+    wrong length is one error."""
+    from stackwise.engine.checkpoint import save_model
+    from stackwise.engine.sample import sample_text, sample_texts
+
+    cfg = make_cfg("data.dummy=true", f"train.out_dir={tmp_path}")
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "model.safetensors")
+    save_model(ckpt, StackWiseLM(cfg.model), cfg)
+    prompts, seeds = ["1 2 3", "1 2 3", "4 5"], [7, 8, 9]
+    for kw in (dict(mode="clm", temperature=1.0), dict(mode="diffusion", diffusion_temperature=1.0,
+                                                       remasking="random", block_len=1)):
+        kw.update(checkpoint=ckpt, max_new_tokens=6, top_p=1.0)
+        _, texts = sample_texts(cfg, prompts, seed=seeds, **kw)
+        assert texts == [sample_text(cfg, p, seed=s, **kw)[1] for p, s in zip(prompts, seeds)]
+        assert texts[0] != texts[1], kw  # the same prompt, another seed: another draw (a random model, 6 ids)
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        sample_texts(cfg, prompts, seed=[1, 2], checkpoint=ckpt, max_new_tokens=2)
+
+
 def test_launcher_diffusion_sampler_options(make_cfg, tmp_path, monkeypatch, capsys):
     """--remasking / --diffusion_temperature / --block_len reach the diffusion sampler: the launcher prints what
     sample_text gives with the same settings (the demo's left-to-right sampler), and a bad value is one error."""

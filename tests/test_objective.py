@@ -170,3 +170,38 @@ def test_head_loss_bench_runs_and_both_sides_agree():
         assert r["full_ms"] > 0 and r["scored_ms"] > 0 and r["loss"] > 0
         assert r["scored_positions"] / r["positions"] == pytest.approx(out["mask_rate"], abs=1e-4)
         assert 0 < r["scored_positions"] < r["positions"]
+
+
+def test_suffix_share_masks_the_last_positions_at_the_same_rates():
+    ids = torch.randint(0, MASK, (2000, 40))
+    kw = dict(mask_id=MASK, mask_fraction_min=0.15, mask_fraction_max=0.9)
+    base = diffusion_mask(ids, _gen(5), **kw)
+    # 0: the same generator stream, the same masks, bit for bit (existing runs and caches unchanged)
+    assert all(torch.equal(x, y) for x, y in zip(base, diffusion_mask(ids, _gen(5), suffix_share=0.0, **kw)))
+    # 1: every row masks exactly its last n positions, n the count the uniform draw would have masked
+    _, _, lm, t = diffusion_mask(ids, _gen(5), suffix_share=1.0, **kw)
+    n = lm.sum(1)
+    assert torch.equal(n, base[2].sum(1)) and torch.equal(t, base[3])
+    assert torch.equal(lm, torch.arange(40).unsqueeze(0) >= (40 - n).unsqueeze(1))
+    # 0.25: a quarter of the rows (binomial, 2000 rows: 4 sigma is 0.039) are suffixes, the others the uniform draw
+    _, _, lm, _ = diffusion_mask(ids, _gen(5), suffix_share=0.25, **kw)
+    tail = torch.arange(40).unsqueeze(0) >= (40 - n).unsqueeze(1)
+    is_suffix = (lm == tail).all(1)
+    assert is_suffix.float().mean().item() == pytest.approx(0.25, abs=0.039)
+    assert torch.equal(lm[~is_suffix], base[2][~is_suffix])
+
+
+def test_suffix_share_reaches_the_training_objective_only():
+    from stackwise.config import ConfigError, ModelConfig, ObjectiveConfig
+    from stackwise.objective import Objective
+
+    m = ModelConfig(vocab_size=V, d_model=8, n_heads=2)
+    o = ObjectiveConfig(suffix_mask_share=1.0)
+    diff = Objective.from_config(o, m, "diffusion")
+    assert diff.suffix_share == 1.0 and Objective.from_config(o, m, "mlm").suffix_share == 0.0
+    ids = torch.randint(0, V - 1, (6, 20))
+    v = diff.mask(ids, _gen(1))
+    n = v["loss_mask"].sum(1)
+    assert torch.equal(v["loss_mask"], torch.arange(20).unsqueeze(0) >= (20 - n).unsqueeze(1))
+    with pytest.raises(ConfigError, match="objective.suffix_mask_share"):
+        ObjectiveConfig(suffix_mask_share=1.5)

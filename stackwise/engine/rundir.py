@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -181,14 +182,17 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
     # the stages' objective draws the views (diffusion; realised rates are stored)
     objective = Objective.from_config(o, cfg.model, "diffusion")
     train = _head(ds.train, cfg.data.max_train_sequences) if cfg.data.max_train_sequences else ds.train
-    for split, data, draws, seed in (("train", train, o.mask_draws, cfg.train.seed),
-                                     ("val", _heldout(ds.val, cfg.train.eval_sequences), 1, cfg.train.seed + 1)):
+    # held-out views are masked uniformly whatever the training views' suffix share: every run is measured alike
+    heldout = dataclasses.replace(objective, suffix_share=0.0)
+    for split, data, draws, seed, obj in (("train", train, o.mask_draws, cfg.train.seed, objective),
+                                          ("val", _heldout(ds.val, cfg.train.eval_sequences), 1, cfg.train.seed + 1,
+                                           heldout)):
         if len(data) == 0:
             raise ActivationCacheError(f"the {split} split has no sequences of data.seq_len={cfg.data.seq_len} tokens")
         bar = progress_bar(len(data) * draws, f"views {split}", rank)
         logger.info("drawing %d masked views of %d %s sequences (%d per sequence)", len(data) * draws, len(data),
                     split, draws)
-        build_views(run.views(split), data, objective=objective, draws=draws, seed=seed,
+        build_views(run.views(split), data, objective=obj, draws=draws, seed=seed,
                     shard_rows=cfg.engine.cache_shard_sequences,
                     meta={"heldout_rows": HELDOUT_ROWS} if split == "val" else None,
                     progress=(lambda d, t: bar.update(d - bar.n)) if bar else None)

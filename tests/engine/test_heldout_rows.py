@@ -74,3 +74,27 @@ def test_views_and_evaluations_read_the_same_rows(make_cfg, tmp_path, caplog):
         ensure_views(cfg, run)
     assert any("first train.eval_sequences windows" in r.getMessage() and str(tmp_path) in r.getMessage()
                for r in caplog.records)
+
+
+def test_suffix_share_masks_training_views_only(make_cfg, tmp_path):
+    """objective.suffix_mask_share=1: every training view is masked on a suffix; the held-out views stay uniform
+    (the masks the run without it would draw, bit for bit), so runs with and without it are measured alike."""
+    def views(run, split):
+        man = read_manifest(run.views(split), what=split)
+        return man, np.concatenate([load_shard(run.views(split), man, i)["loss_mask"]
+                                    for i in range(len(man["shards"]))]).astype(bool)
+
+    base = ["data.dummy=true", "data.dummy_sequences=48", "train.eval_sequences=6"]
+    plain = RunDir(make_cfg(*base, f"train.out_dir={tmp_path / 'plain'}"))
+    ensure_views(plain.cfg, plain)
+    cfg = make_cfg(*base, f"train.out_dir={tmp_path / 'suffix'}", "objective.suffix_mask_share=1.0")
+    run = RunDir(cfg)
+    ensure_views(cfg, run)
+    man, lm = views(run, "train")
+    T = lm.shape[1]
+    n = lm.sum(1)
+    assert man["suffix_share"] == 1.0 and len(lm) == 48 * cfg.objective.mask_draws
+    assert (lm == (np.arange(T)[None] >= (T - n)[:, None])).all()
+    man_v, lm_v = views(run, "val")
+    assert "suffix_share" not in man_v and np.array_equal(lm_v, views(plain, "val")[1])
+    assert not (lm_v == (np.arange(T)[None] >= (T - lm_v.sum(1))[:, None])).all(1).all()

@@ -46,10 +46,12 @@ def main() -> None:
     real_words = {}
     for label, mode, prompt, kw in DEMO_SAMPLERS:
         path, text = sample_text(cfg, prompt, mode=mode, max_new_tokens=60, seed=1, **kw)
-        st = text_stats([text[len(prompt):] if text.startswith(prompt) else text], vocab)
+        # scored as benchmarks/sample_quality.py scores: the continuation's first and last word left out (the 60th
+        # token may cut the last one)
+        st = text_stats([text[len(prompt):] if text.startswith(prompt) else text], vocab, drop_edges=True)
         real_words[label] = round(st["real_word_rate"], 3) if st["words"] else None
-        print(f"\n--- {label} sample ({path}) ---\n{text}\n[{st['real_words']} of its {st['words']} words are words "
-              f"of the training text]")
+        print(f"\n--- {label} sample ({path}) ---\n{text}\n[real words: {st['real_words']} of {st['words']} are words "
+              f"of the training text (first and last word unscored)]")
     plots = plot_run(run)
     wall = time.time() - t0
     print(f"\nplots: {', '.join(plots)}\ndemo finished in {wall:.0f} s wall, {cpu_seconds():.0f} s CPU")

@@ -87,7 +87,8 @@ def test_demo_json_line_on_a_tiny_config(tmp_path, monkeypatch, capsys):
     assert "--- diffusion, ancestral: random order sample" in out
     assert "--- diffusion, left to right: blocks of 1 sample" in out
     # every sample says how many of its words are words of the training text, and the JSON holds the rates
-    counts = re.findall(r"\[(\d+) of its (\d+) words are words of the training text\]", out)
+    counts = re.findall(r"\[real words: (\d+) of (\d+) are words of the training text \(first and last word "
+                        r"unscored\)\]", out)
     assert len(counts) == 3 and all(int(real) <= int(n) for real, n in counts)
     rates = summary["sample_real_word_rate"]
     assert len(rates) == 3

@@ -29,7 +29,7 @@ def words(text: str) -> list[str]:
 def training_vocabulary(tokenizer, train_bin: str, dtype, chunk: int = 1 << 20) -> set[str]:
     """Every word of a token shard's decoded text (the training split), decoded in chunks of ``chunk`` ids.
 
-    A word cut at a chunk boundary adds two fragments, at most one per chunk: negligible for a vocabulary."""
+    A word cut at a chunk boundary may add its two fragments: at most two per million ids, negligible here."""
     ids = np.memmap(train_bin, dtype=dtype, mode="r")
     vocab: set[str] = set()
     for lo in range(0, len(ids), chunk):

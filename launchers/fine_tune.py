@@ -5,6 +5,7 @@ import json
 
 from stackwise.engine.cli import main_guard, parse, parser
 from stackwise.engine.finetune import fine_tune
+from stackwise.engine.distributed import exit_process
 
 
 @main_guard
@@ -15,3 +16,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process()  # after a process group: leave without finalization (see its docstring)

@@ -10,6 +10,7 @@ import json
 
 from stackwise.engine.cli import main_guard, parse, parser
 from stackwise.engine.end_to_end import train_end_to_end
+from stackwise.engine.distributed import exit_process
 
 
 @main_guard
@@ -22,3 +23,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process()  # after a process group: leave without finalization (see its docstring)

@@ -6,6 +6,8 @@ Also runs under ``deepspeed`` and ``torchrun`` (the backend comes from engine.ba
 """
 
 from stackwise.engine.stage_process import main
+from stackwise.engine.distributed import exit_process
 
 if __name__ == "__main__":
     main()
+    exit_process()  # after a process group: leave without finalization (see its docstring)

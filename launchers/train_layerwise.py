@@ -10,7 +10,7 @@ prints the table and plots.
 import sys
 
 from stackwise.engine.cli import main_guard, parse, parser
-from stackwise.engine.distributed import env_world, resolve_backend
+from stackwise.engine.distributed import env_world, exit_process, resolve_backend
 from stackwise.engine.fuse import fuse
 from stackwise.engine.report import plot_run, stage_table
 from stackwise.engine.stage_process import run_stages_in_subprocesses
@@ -33,3 +33,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process()  # after a process group: leave without finalization (see its docstring)

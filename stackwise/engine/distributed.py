@@ -142,6 +142,8 @@ def init_distributed(cfg: StackWiseConfig) -> DistEnv:
     timeout = datetime.timedelta(seconds=cfg.engine.dist_timeout_s)
     import torch.distributed as dist
 
+    global _joined_world
+    _joined_world = True
     if not dist.is_initialized():
         if backend == "deepspeed":
             import deepspeed
@@ -154,6 +156,34 @@ def init_distributed(cfg: StackWiseConfig) -> DistEnv:
     logger.info("distributed: backend %s over %s | world %d | rank %d (local %d) | %s", backend, comm, world, rank,
                 local, device)
     return DistEnv(rank, local, world, backend, device)
+
+
+_joined_world = False  # set once this process has joined a process group (init_distributed)
+
+
+def exit_process() -> None:
+    """End a launcher process that joined a process group, after its work succeeded: flush the output and leave
+    with status 0 without the interpreter's finalization.
+
+    Gloo's C++ threads and process groups that library objects (a DeepSpeed engine, an FSDP mesh) still hold
+    can be torn down in any order at interpreter exit, and under load a rank then aborted after its stage was
+    done and saved ("terminate called without an active exception", exit -6; sessions 5-9, not reproducible on
+    demand). Everything a stage writes is complete and atomic before this point, so nothing is lost by skipping
+    finalization. A process that never joined a group returns and exits normally. Launchers only: the library
+    never calls it.
+    """
+    if not _joined_world:
+        return
+    import logging
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(0)
 
 
 def shutdown() -> None:

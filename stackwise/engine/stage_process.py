@@ -22,7 +22,7 @@ import sys
 
 from ..config import StackWiseConfig
 from .cli import main_guard, parse, parser
-from .distributed import env_world
+from .distributed import env_world, exit_process
 from .log import init_logging, logger
 from .rundir import RunDir
 from .stages import next_stage, train_stage
@@ -83,3 +83,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process()  # after a process group: leave without finalization (see its docstring)

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from stackwise.data.datasets import build_datasets  # noqa: E402
 from stackwise.engine.cli import main_guard, parse, parser  # noqa: E402
 from stackwise.engine.sample import DEMO_SAMPLERS, sample_texts  # noqa: E402
-from stackwise.engine.text_quality import text_stats, training_vocabulary  # noqa: E402
+from stackwise.engine.text_quality import continuation, text_stats, training_vocabulary  # noqa: E402
 
 _L2R = {"remasking": "random", "block_len": 1}
 SWEEP = (
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         path, texts = sample_texts(cfg, prompts, mode=mode, max_new_tokens=args.new_tokens,
                                    seed=list(range(args.samples)), **kw)
-        # byte-level BPE decodes a prompt's ids back to the prompt itself: what follows it is the continuation
-        cont = [t[len(q):] if t.startswith(q) else t for t, q in zip(texts, prompts)]
+        cont = [continuation(t, q) for t, q in zip(texts, prompts)]
         row = {"sampler": label, "checkpoint": os.path.relpath(path), **kw, **text_stats(cont, vocab, drop_edges=True),
                "seconds": round(time.time() - t0, 1), "example": prompts[0] + cont[0]}
         rows.append(row)

@@ -15,7 +15,7 @@ from stackwise.engine.finetune import fine_tune
 from stackwise.engine.fuse import fuse
 from stackwise.engine.report import demo_table, plot_run, read_metrics
 from stackwise.engine.sample import DEMO_SAMPLERS, sample_text
-from stackwise.engine.text_quality import text_stats, training_vocabulary
+from stackwise.engine.text_quality import continuation, text_stats, training_vocabulary
 from stackwise.engine.stages import train_all
 
 def cpu_seconds() -> float:
@@ -48,7 +48,7 @@ def main() -> None:
         path, text = sample_text(cfg, prompt, mode=mode, max_new_tokens=60, seed=1, **kw)
         # scored as benchmarks/sample_quality.py scores: the continuation's first and last word left out (the 60th
         # token may cut the last one)
-        st = text_stats([text[len(prompt):] if text.startswith(prompt) else text], vocab, drop_edges=True)
+        st = text_stats([continuation(text, prompt)], vocab, drop_edges=True)
         real_words[label] = round(st["real_word_rate"], 3) if st["words"] else None
         print(f"\n--- {label} sample ({path}) ---\n{text}\n[real words: {st['real_words']} of {st['words']} are words "
               f"of the training text (first and last word unscored)]")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from stackwise.engine.text_quality import text_stats, training_vocabulary, words
+from stackwise.engine.text_quality import continuation, text_stats, training_vocabulary, words
 
 
 def test_words_keep_inner_apostrophes_and_drop_digits_and_punctuation():
@@ -48,3 +48,8 @@ def test_training_vocabulary_reads_a_shard_in_chunks(tmp_path):
     # chunks cut words: at most the two fragments of a cut word join the set, never a word is lost
     chunked = training_vocabulary(_Chars(), str(path), np.uint16, chunk=10)
     assert whole <= chunked and len(chunked - whole) <= 2 * math.ceil(len(text) / 10)
+
+
+def test_continuation_strips_the_prompt_only_when_the_text_starts_with_it():
+    assert continuation("ROMEO:\nWhy, then", "ROMEO:\n") == "Why, then"
+    assert continuation("ROMEO: Why", "JULIET:") == "ROMEO: Why"

@@ -375,9 +375,7 @@ def build_views(directory: str, sequences, *, objective, draws: int, seed: int, 
     return writer.close({"seed": seed, "draws": draws, "sequences": n, "seq_len": seq_len,
                          "policy": objective.policy, "mask_id": objective.mask_id,
                          "mask_fraction_min": objective.mask_fraction_min,
-                         "mask_fraction_max": objective.mask_fraction_max,
-                         **({"suffix_share": objective.suffix_share} if getattr(objective, "suffix_share", 0) else {}),
-                         **(meta or {})})
+                         "mask_fraction_max": objective.mask_fraction_max, **(meta or {})})
 
 
 def views_fingerprint(views_manifest: dict) -> str:

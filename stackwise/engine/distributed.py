@@ -113,6 +113,9 @@ def _disable_ds_cpu_shm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+_joined_world = False  # set once this process has joined a process group (init_distributed)
+
+
 def init_distributed(cfg: StackWiseConfig) -> DistEnv:
     """Set up logging, the device and (for a distributed backend) the process group. Idempotent.
 
@@ -156,9 +159,6 @@ def init_distributed(cfg: StackWiseConfig) -> DistEnv:
     logger.info("distributed: backend %s over %s | world %d | rank %d (local %d) | %s", backend, comm, world, rank,
                 local, device)
     return DistEnv(rank, local, world, backend, device)
-
-
-_joined_world = False  # set once this process has joined a process group (init_distributed)
 
 
 def exit_process() -> None:
@@ -206,7 +206,7 @@ def distributed(cfg: StackWiseConfig):
     finally:
         if env is not None and env.backend != "single":
             if ok:  # every rank finished: meet before tearing the group down, so no rank closes its connections
-                barrier()  # while a peer is still using them (a gloo teardown abort was seen under load)
+                barrier()  # while a peer is still using them (the abort at exit is exit_process's, not this)
             shutdown()
 
 

@@ -194,7 +194,8 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
                     split, draws)
         build_views(run.views(split), data, objective=obj, draws=draws, seed=seed,
                     shard_rows=cfg.engine.cache_shard_sequences,
-                    meta={"heldout_rows": HELDOUT_ROWS} if split == "val" else None,
+                    meta={"heldout_rows": HELDOUT_ROWS} if split == "val" else
+                    {"suffix_share": obj.suffix_share} if obj.suffix_share else None,
                     progress=(lambda d, t: bar.update(d - bar.n)) if bar else None)
         if bar:
             bar.close()

@@ -26,6 +26,12 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
 
+def continuation(text: str, prompt: str) -> str:
+    """What a sample adds to its prompt (the whole text when it does not start with the prompt, e.g. a tokenizer
+    that does not decode a prompt back to itself)."""
+    return text[len(prompt):] if text.startswith(prompt) else text
+
+
 def training_vocabulary(tokenizer, train_bin: str, dtype, chunk: int = 1 << 20) -> set[str]:
     """Every word of a token shard's decoded text (the training split), decoded in chunks of ``chunk`` ids.
 

@@ -189,6 +189,10 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
                               "train.stage_init_from": "previous"}),
     "lw_overlap_ghead": dict(_lw(**{"train.global_head": 1, "train.stage_overlap": True,
                                     "train.overlap_lr_scale": 0.5}), stage_layers_delta=-1),
+    # session 10, 8 layers at four times the tokens (where the default's share of end-to-end depth falls to 0.82):
+    # recipes that keep the earlier layers learning late, each at the same total: the joint fine-tune after fusion
+    # given a quarter of the total, and progressive growth (every stage retrains every earlier layer, 1x lr)
+    "lw_default_ft25": _default(0.25),
 }
 METHODS.update(RECIPES)
 DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]

@@ -69,16 +69,15 @@ def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
     else:
         K = method.get("layers_per_stage", 1)
         trains_head = method.get("overrides", {}).get("train.stage_trains_head", True)
-        overlap = t.overlap_layers if t.stage_overlap else 0  # train.stage_overlap: retrained (re-cached) layers
-        top = t.global_head  # train.global_head: blocks trained in every stage (not cached)
         steps = t.stage_steps or [t.max_steps] * (m.n_layers // K)
         unit = t.batch_size * t.grad_accum * cfg.data.seq_len
         total = 0.0
         for i, first in enumerate(range(0, m.n_layers, K)):
             th = first == 0 or trains_head
-            extra = min(overlap, first)
+            # plan_stage counts the stage's first layer, the train.stage_overlap window before it and the
+            # train.global_head blocks; a K-layer stage adds its other K - 1 layers
             one = plan_stage(cfg, layer=first, train_head=th, **kw).flops_per_token
-            total += (one + (K - 1 + extra + top) * layer) * steps[i] * unit
+            total += (one + (K - 1) * layer) * steps[i] * unit
             # the stage caches the next stage's input, layer cache_layer (forward from its first layer), on the
             # train rows the later stages read (every view under engine.cache_rows=all; shards rounded away)
             out = cache_layer(cfg, first)
@@ -102,14 +101,13 @@ def planned_peak_bytes(cfg, method: dict, *, device: str) -> float:
     if method["kind"] == "e2e":
         return e2e
     K = method.get("layers_per_stage", 1)
-    # overlap: + the retrained earlier layers; global head: + its blocks
-    held = K + (min(cfg.train.overlap_layers, cfg.model.n_layers - K) if cfg.train.stage_overlap else 0) \
-        + cfg.train.global_head
     th = method.get("overrides", {}).get("train.stage_trains_head", True)
-    # a stage holds ``held`` layers' activations and state; plan_stage models one layer, so scale its layer part
+    # plan_stage models a stage's first layer with its overlap window and global-head blocks; a K-layer stage
+    # holds K - 1 more layers, each costing what one more layer adds to an end-to-end plan over a 1-layer stage
     one = max(plan_stage(cfg, layer=f, train_head=f == 0 or th, **kw).total for f in range(0, cfg.model.n_layers, K))
-    per_layer = (e2e - plan_stage(cfg, layer=1 % cfg.model.n_layers, **kw).total) / max(1, cfg.model.n_layers - 1)
-    peak = one + (held - 1) * max(per_layer, 0.0)
+    bare = replace_cfg(cfg, train={"stage_overlap": False, "global_head": 0})
+    per_layer = (e2e - plan_stage(bare, layer=1 % cfg.model.n_layers, **kw).total) / max(1, cfg.model.n_layers - 1)
+    peak = one + (K - 1) * max(per_layer, 0.0)
     return max(peak, e2e) if method.get("finetune") else peak
 
 

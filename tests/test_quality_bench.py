@@ -220,3 +220,31 @@ def test_report_rebuilds_a_row_with_its_size_set_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="'steps_total' is not a setting of size depth"):
         bench.row_cfg(dict(row, size_set=["steps_total=1"]), "cpu")
     assert bench.SIZES["depth"] == before
+
+
+def test_stage_flops_and_peak_count_the_overlap_window_once(tmp_path):
+    """A stage that trains layers 0..k with the head costs what a (k+1)-layer model trained end to end costs per
+    token, so progressive growth (lw_grow1: stage k retrains every layer below) over n layers, caching nothing
+    (n_views=0), is the sum of n such models, about (n+1)/2n of e2e_long's FLOPs, and its last stage's planned
+    peak is the end-to-end one's, not twice it (the window was counted in the stage plan and again on top until
+    session 10); the default's window of 3 at 8 layers holds 4 layers."""
+    from stackwise.plan import plan_end_to_end
+
+    bench, qe = _bench(), _eval_mod()
+    grow = bench.build_cfg("depth8", "lw_grow1", 0, str(tmp_path), "cpu")
+    n, unit = grow.model.n_layers, grow.train.batch_size * grow.data.seq_len
+    kw = dict(dtype=grow.train.dtype, device="cpu")
+    k_layers = [qe.replace_cfg(grow, model={"n_layers": k + 1}) for k in range(n)]
+    expect = sum(plan_end_to_end(c, keep_frozen_mlp=True, **kw).flops_per_token for c in k_layers)
+    got = qe.method_flops(grow, bench.METHODS["lw_grow1"], n_views=0, device="cpu")
+    assert got == pytest.approx(expect * grow.train.max_steps * unit, rel=1e-9)
+    e2e = bench.build_cfg("depth8", "e2e_long", 0, str(tmp_path), "cpu")
+    full = qe.method_flops(e2e, bench.METHODS["e2e_long"], n_views=0, device="cpu")
+    assert 0.5 < got / full < 0.65  # (n+1)/2n = 0.5625 for the layers, plus the head every stage trains
+    e2e_peak = qe.planned_peak_bytes(e2e, bench.METHODS["e2e_long"], device="cpu")
+    grow_peak = qe.planned_peak_bytes(grow, bench.METHODS["lw_grow1"], device="cpu")
+    assert grow_peak == pytest.approx(e2e_peak, rel=0.05)
+    base = bench.build_cfg("depth8", "layerwise", 0, str(tmp_path), "cpu")
+    four = plan_end_to_end(qe.replace_cfg(base, model={"n_layers": 4}), keep_frozen_mlp=True, zero_stage=0, **kw)
+    base_peak = qe.planned_peak_bytes(base, bench.METHODS["layerwise"], device="cpu")
+    assert base_peak == pytest.approx(four.total, rel=0.05) and base_peak < 0.7 * e2e_peak

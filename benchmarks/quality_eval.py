@@ -89,7 +89,7 @@ def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
                 if cfg.engine.cache_rows == "read":
                     rows = min(rows, read)
                 total += depth * plan_cache(cfg, layer=first, **kw).flops_per_token * rows
-    if method.get("finetune"):
+    if method.get("finetune") or method.get("ft_share"):  # joint fine-tune after fusion (ft_share: in the budget)
         total += e2e * t.finetune_steps * t.batch_size * cfg.data.seq_len
     return total
 
@@ -108,7 +108,7 @@ def planned_peak_bytes(cfg, method: dict, *, device: str) -> float:
     bare = replace_cfg(cfg, train={"stage_overlap": False, "global_head": 0})
     per_layer = (e2e - plan_stage(bare, layer=1 % cfg.model.n_layers, **kw).total) / max(1, cfg.model.n_layers - 1)
     peak = one + (K - 1) * max(per_layer, 0.0)
-    return max(peak, e2e) if method.get("finetune") else peak
+    return max(peak, e2e) if method.get("finetune") or method.get("ft_share") else peak
 
 
 def _ms(xs: list[float]) -> str:

@@ -248,3 +248,20 @@ def test_stage_flops_and_peak_count_the_overlap_window_once(tmp_path):
     four = plan_end_to_end(qe.replace_cfg(base, model={"n_layers": 4}), keep_frozen_mlp=True, zero_stage=0, **kw)
     base_peak = qe.planned_peak_bytes(base, bench.METHODS["layerwise"], device="cpu")
     assert base_peak == pytest.approx(four.total, rel=0.05) and base_peak < 0.7 * e2e_peak
+
+
+def test_in_budget_fine_tune_is_costed(tmp_path):
+    """A method whose ft_share spends part of the total on the joint fine-tune after fusion pays for it: its FLOPs
+    include the fine-tune's end-to-end steps and its planned peak is at least the end-to-end one."""
+    bench, qe = _bench(), _eval_mod()
+    ft = bench.build_cfg("depth8", "lw_default_ft", 0, str(tmp_path), "cpu")
+    steps = bench.ft_steps_of("depth8", "lw_default_ft")
+    assert steps == ft.train.finetune_steps == 400
+    stages_only = qe.method_flops(ft, {k: v for k, v in bench.METHODS["lw_default_ft"].items() if k != "ft_share"},
+                                  n_views=0, device="cpu")
+    e2e_cfg = bench.build_cfg("depth8", "e2e_long", 0, str(tmp_path), "cpu")
+    per_step = qe.method_flops(e2e_cfg, bench.METHODS["e2e_long"], n_views=0, device="cpu") / e2e_cfg.train.max_steps
+    got = qe.method_flops(ft, bench.METHODS["lw_default_ft"], n_views=0, device="cpu")
+    assert got == pytest.approx(stages_only + steps * per_step, rel=1e-9)
+    peak = qe.planned_peak_bytes(ft, bench.METHODS["lw_default_ft"], device="cpu")
+    assert peak >= qe.planned_peak_bytes(e2e_cfg, bench.METHODS["e2e_long"], device="cpu")

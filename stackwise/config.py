@@ -183,7 +183,8 @@ class TrainConfig:
     """With stage_overlap, how many earlier layers a stage retrains (default 3: a stage holds at most 4 layers;
     session 6 measured 3 better than 2 at 4 and 8 layers): 1 = layer k-1 (input: layer k-2's cache);
     w = layers k-w..k-1 (input: layer k-w-1's cache); >= model.n_layers = all of them (progressive growth, the
-    last stage then holds the whole model)."""
+    last stage then holds the whole model; at 8 layers it kept 0.95-1.26 of end-to-end depth where 3 kept
+    0.77-0.90, at end-to-end memory: benchmarks/RESULTS.md, session 10)."""
     stage_residual_init: bool = True
     """Stages build their layers with the residual output projections (attention o_proj, MLP down) initialised for
     the depth of one stage (train.layers_per_stage) instead of model.n_layers, unless model.residual_init_depth

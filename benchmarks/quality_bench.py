@@ -189,9 +189,9 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
                               "train.stage_init_from": "previous"}),
     "lw_overlap_ghead": dict(_lw(**{"train.global_head": 1, "train.stage_overlap": True,
                                     "train.overlap_lr_scale": 0.5}), stage_layers_delta=-1),
-    # session 10, 8 layers at four times the tokens (where the default's share of end-to-end depth falls to 0.82):
-    # recipes that keep the earlier layers learning late, each at the same total: the joint fine-tune after fusion
-    # given a quarter of the total, and progressive growth (every stage retrains every earlier layer, 1x lr)
+    # session 10, 8 layers at four times the tokens (where the default's share of end-to-end depth falls to 0.82),
+    # beside progressive growth (lw_grow1): the default stages on 3/4 of the total, the joint diffusion fine-tune
+    # after fusion on the last 1/4 (it draws fresh masks from the token windows: not an equal-views comparison)
     "lw_default_ft25": _default(0.25),
 }
 METHODS.update(RECIPES)

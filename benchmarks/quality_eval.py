@@ -56,6 +56,12 @@ def eval_model(model, val, cfg, device, *, n_seq: int, batch_size: int = 32, see
     return out
 
 
+def _joint_finetune(method: dict) -> bool:
+    """Whether the method ends with the joint fine-tune after fusion (``finetune``: after its source run's stages;
+    ``ft_share``: inside the same total)."""
+    return bool(method.get("finetune") or method.get("ft_share"))
+
+
 def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
     """Training FLOPs of one method (stages or end-to-end, caching, joint fine-tuning), from stackwise.plan."""
     m, t = cfg.model, cfg.train
@@ -89,7 +95,7 @@ def method_flops(cfg, method: dict, *, n_views: int, device: str) -> float:
                 if cfg.engine.cache_rows == "read":
                     rows = min(rows, read)
                 total += depth * plan_cache(cfg, layer=first, **kw).flops_per_token * rows
-    if method.get("finetune") or method.get("ft_share"):  # joint fine-tune after fusion (ft_share: in the budget)
+    if _joint_finetune(method):
         total += e2e * t.finetune_steps * t.batch_size * cfg.data.seq_len
     return total
 
@@ -108,7 +114,7 @@ def planned_peak_bytes(cfg, method: dict, *, device: str) -> float:
     bare = replace_cfg(cfg, train={"stage_overlap": False, "global_head": 0})
     per_layer = (e2e - plan_stage(bare, layer=1 % cfg.model.n_layers, **kw).total) / max(1, cfg.model.n_layers - 1)
     peak = one + (K - 1) * max(per_layer, 0.0)
-    return max(peak, e2e) if method.get("finetune") or method.get("ft_share") else peak
+    return max(peak, e2e) if _joint_finetune(method) else peak
 
 
 def _ms(xs: list[float]) -> str:

@@ -184,9 +184,11 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
     train = _head(ds.train, cfg.data.max_train_sequences) if cfg.data.max_train_sequences else ds.train
     # held-out views are masked uniformly whatever the training views' suffix share: every run is measured alike
     heldout = dataclasses.replace(objective, suffix_share=0.0)
-    for split, data, draws, seed, obj in (("train", train, o.mask_draws, cfg.train.seed, objective),
-                                          ("val", _heldout(ds.val, cfg.train.eval_sequences), 1, cfg.train.seed + 1,
-                                           heldout)):
+    train_meta = {"suffix_share": objective.suffix_share} if objective.suffix_share else None
+    for split, data, draws, seed, obj, meta in (
+            ("train", train, o.mask_draws, cfg.train.seed, objective, train_meta),
+            ("val", _heldout(ds.val, cfg.train.eval_sequences), 1, cfg.train.seed + 1, heldout,
+             {"heldout_rows": HELDOUT_ROWS})):
         if len(data) == 0:
             raise ActivationCacheError(f"the {split} split has no sequences of data.seq_len={cfg.data.seq_len} tokens")
         bar = progress_bar(len(data) * draws, f"views {split}", rank)
@@ -194,8 +196,7 @@ def ensure_views(cfg: StackWiseConfig, run: RunDir, rank: int = 0) -> None:
                     split, draws)
         build_views(run.views(split), data, objective=obj, draws=draws, seed=seed,
                     shard_rows=cfg.engine.cache_shard_sequences,
-                    meta={"heldout_rows": HELDOUT_ROWS} if split == "val" else
-                    {"suffix_share": obj.suffix_share} if obj.suffix_share else None,
+                    meta=meta,
                     progress=(lambda d, t: bar.update(d - bar.n)) if bar else None)
         if bar:
             bar.close()

@@ -193,6 +193,9 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
     # beside progressive growth (lw_grow1): the default stages on 3/4 of the total, the joint diffusion fine-tune
     # after fusion on the last 1/4 (it draws fresh masks from the token windows: not an equal-views comparison)
     "lw_default_ft25": _default(0.25),
+    # session 11: a wider window that stays bounded (a stage holds 6 layers whatever the depth), measured on every
+    # seed after it matched growth at 8 layers, 2x, seed 0
+    "lw_win5": _default(**{"train.overlap_layers": 5}),
 }
 METHODS.update(RECIPES)
 DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]

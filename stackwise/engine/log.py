@@ -17,9 +17,26 @@ logger = logging.getLogger("stackwise")
 _warned: set[str] = set()
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is at each record, not as it was at the first
+    ``init_logging``: notebooks, test runners and ``contextlib.redirect_stderr`` swap the stream, and a handler
+    holding the old one writes to a closed or forgotten file."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ and setStream assign it; the current stderr always wins
+        pass
+
+
 def init_logging(rank: int = 0) -> logging.Logger:
     if not getattr(logger, "_stackwise_init", False):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter(f"[stackwise r{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
                                                "%H:%M:%S"))
         logger.addHandler(handler)

@@ -2,7 +2,7 @@
 """Screening of issue-13 depth recipes on one (method, seed) at a time, through quality_bench.run_unit.
 
 Runs any quality_bench method (the recipe methods live in quality_bench.METHODS: same views, order, optimizer,
-schedule and total tokens as ``layerwise``) and prints the unit's JSON row (without the curve); ``--jsonl``
+schedule and total tokens as ``layerwise``) and prints the unit's JSON row (without the curve and config); ``--jsonl``
 also appends the full row (with FLOPs) to a results file that ``quality_bench.py --report --out DIR`` turns
 into the table, the depth-efficiency summary and the plots, next to ``e2e1_long`` / ``e2e_long`` rows of the
 same seeds.
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     if a.jsonl:
         with open(a.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-    print("JSON " + json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    print("JSON " + json.dumps({k: v for k, v in row.items() if k not in ("curve", "config")}), flush=True)
     return row
 
 

@@ -92,8 +92,8 @@ METHODS = {
     "e2e": {"kind": "e2e"},
     "e2e_long": {"kind": "e2e", "steps_mult": "n_layers"},
     "e2e1_long": {"kind": "e2e", "steps_mult": "n_layers", "model_layers": 1},
-    # the default config (issue 13: train.stage_overlap with a window of 3 at 1x lr since session 6, 2 in session 5;
-    # stage_residual_init)
+    # the default config (issue 13: train.stage_overlap at 1x lr with a window of 5 since session 11, 3 in sessions
+    # 6-10, 2 in session 5; stage_residual_init)
     "layerwise": {"kind": "stages", "layers_per_stage": 1},
     "layerwise_ft": {"kind": "stages", "layers_per_stage": 1, "finetune": True, "source": "layerwise"},
     # plain one-layer stages (the default before issue 13) and the earlier options on top of them
@@ -120,8 +120,9 @@ def _lw(share: float = 0.0, **overrides) -> dict:
 
 
 def _default(ft_share: float = 0.0, **overrides) -> dict:
-    """The default stages (the config's overlap window) with config overrides; ``ft_share``: the share of the
-    total steps spent on the joint diffusion fine-tune after fusion."""
+    """The default stages (the config's overlap window: 5 since session 11, 3 when sessions 6-10 ran the
+    ``lw_default_*`` rows) with config overrides; ``ft_share``: the share of the total steps spent on the joint
+    diffusion fine-tune after fusion."""
     m = dict({"kind": "stages", "layers_per_stage": 1}, **({"overrides": overrides} if overrides else {}))
     return dict(m, ft_share=ft_share) if ft_share else m
 
@@ -194,8 +195,10 @@ RECIPES = {  # issue 13 depth recipes (benchmarks/depth_screen.py screens one un
     # after fusion on the last 1/4 (it draws fresh masks from the token windows: not an equal-views comparison)
     "lw_default_ft25": _default(0.25),
     # session 11: a wider window that stays bounded (a stage holds 6 layers whatever the depth), measured on every
-    # seed after it matched growth at 8 layers, 2x, seed 0
+    # seed after it matched growth at 8 layers, 2x, seed 0; the default since (lw_win5 = layerwise), and the
+    # window of 3 that was the default in sessions 6-10 (the `layerwise` rows of those sessions)
     "lw_win5": _default(**{"train.overlap_layers": 5}),
+    "lw_win3": _default(**{"train.overlap_layers": 3}),
 }
 METHODS.update(RECIPES)
 DEFAULT_METHODS = ["e2e", "layerwise", "layerwise_ft", "block2", "block4"]
@@ -305,8 +308,14 @@ def apply_size_set(size: str, items: list[str]) -> None:
 
 
 def row_cfg(row: dict, device: str):
-    """The config a results row was trained with: its size, method and seed, and the ``size_set`` / ``overrides``
-    depth_screen recorded (so a report's FLOPs and planned memory are those of the run, not of the plain size)."""
+    """The config a results row was trained with (so a report's FLOPs and planned memory are those of the run):
+    the whole config the row recorded, or, for rows written before rows carried it (session 11), its size, method
+    and seed with the ``size_set`` / ``overrides`` depth_screen recorded, on today's defaults (a `layerwise` row of
+    sessions 6-10 ran the window of 3, today's default is 5: report such rows as `lw_win3`)."""
+    if row.get("config"):
+        from stackwise.config import config_from_dict
+
+        return config_from_dict(row["config"], [f"engine.device={device}"])
     saved_size, saved_over = SIZES[row["size"]], list(EXTRA_OVERRIDES)
     try:
         apply_size_set(row["size"], row.get("size_set") or [])
@@ -369,7 +378,8 @@ def _run_unit(spec: dict) -> dict:
     tok = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     n_groups = cfg.model.n_layers // cfg.train.layers_per_stage
     row = {"size": size, "method": method, "seed": seed, "steps_per_stage": cfg.train.max_steps,
-           "tokens_per_group": cfg.train.max_steps * tok, "n_layers": cfg.model.n_layers}
+           "tokens_per_group": cfg.train.max_steps * tok, "n_layers": cfg.model.n_layers,
+           "config": cfg.to_dict()}  # what the unit ran with, whatever the defaults become (row_cfg reads it)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -517,7 +527,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             with open(rows_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-            print("JSON " + json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+            print("JSON " + json.dumps({k: v for k, v in row.items() if k not in ("curve", "config")}), flush=True)
     if not rows:
         print(f"no results in {rows_path}")
         return rows

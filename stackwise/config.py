@@ -175,16 +175,16 @@ class TrainConfig:
     (warm-up + cosine) spans its own steps."""
     stage_overlap: bool = True
     """Stage k also retrains the ``overlap_layers`` layers before it (input: the cache of the layer before those),
-    whose files it rewrites. On by default (issue 13: with a window of 3 at 1x lr, 4 and 8 layers trained layer-wise
-    beat end-to-end training at equal tokens on 3 seeds each; plain stages, off, kept almost none of depth's gain)."""
+    whose files it rewrites. On by default (issue 13: with a window at 1x lr, 4 and 8 layers trained layer-wise
+    match or beat end-to-end training at equal tokens; plain stages, off, kept almost none of depth's gain)."""
     overlap_lr_scale: float = 1.0
     """With stage_overlap, the retrained earlier layers' learning rate as a multiple of the stage's scheduled lr."""
-    overlap_layers: int = 3
-    """With stage_overlap, how many earlier layers a stage retrains (default 3: a stage holds at most 4 layers;
-    session 6 measured 3 better than 2 at 4 and 8 layers): 1 = layer k-1 (input: layer k-2's cache);
+    overlap_layers: int = 5
+    """With stage_overlap, how many earlier layers a stage retrains (default 5: a stage holds at most 6 layers,
+    whatever the depth; session 11 measured 5 better than session 6's 3 at 8 layers on every seed and budget run,
+    keeping all of what end-to-end depth buys where 3 kept 0.77-0.90): 1 = layer k-1 (input: layer k-2's cache);
     w = layers k-w..k-1 (input: layer k-w-1's cache); >= model.n_layers = all of them (progressive growth, the
-    last stage then holds the whole model; at 8 layers it kept 0.95-1.26 of end-to-end depth where 3 kept
-    0.77-0.90, at end-to-end memory: benchmarks/RESULTS.md, session 10)."""
+    last stage then holds the whole model, at end-to-end memory: benchmarks/RESULTS.md, sessions 10-11)."""
     stage_residual_init: bool = True
     """Stages build their layers with the residual output projections (attention o_proj, MLP down) initialised for
     the depth of one stage (train.layers_per_stage) instead of model.n_layers, unless model.residual_init_depth

@@ -50,7 +50,7 @@ TINY = {
         },
     },
     "data": {"seq_len": 32, "dummy_sequences": 32},
-    # plain one-layer stages unless a test opts in (the default, train.stage_overlap with a window of 3, is tested
+    # plain one-layer stages unless a test opts in (the default, train.stage_overlap with a window of 5, is tested
     # in tests/engine/test_overlap.py)
     "train": {"batch_size": 4, "max_steps": 10, "lr": 3e-3, "warmup_steps": 2, "stage_overlap": False},
 }

@@ -100,3 +100,13 @@ def test_every_field_is_documented():
     missing = [name for name, _, _, doc in iter_fields() if not doc]
     assert not missing, f"fields without a docstring: {missing}"
     assert "Residual stream" in field_docs(type(StackWiseConfig().model))["d_model"]
+
+
+def test_readme_field_table_is_the_config_docstrings():
+    """Every row `python -m stackwise.config --fields` prints is in the README's table as printed (a default or
+    its documented reason changed in the code shows up here, not as a stale README)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = set(f.read().splitlines())
+    rows = [f"| `{name}` | {tp} | `{default}` | {doc} |" for name, tp, default, doc in iter_fields()]
+    stale = [r.split(" | ")[0] for r in rows if r not in readme]
+    assert not stale, f"README rows out of date (regenerate with python -m stackwise.config --fields): {stale}"

@@ -137,6 +137,10 @@ def test_quality_bench_micro(tmp_path, monkeypatch, capsys):
     assert by["layerwise"]["tokens_total"] == 2 * by["e2e"]["tokens_total"]
     lines = (out / "results.jsonl").read_text().splitlines()
     assert sorted(json.loads(x)["method"] for x in lines) == sorted(by)
+    # each row carries the whole config it ran with (the printed JSON lines leave it out, like the curve)
+    saved = {json.loads(x)["method"]: json.loads(x)["config"] for x in lines}
+    assert saved["e2e1_long"]["model"]["n_layers"] == 1 and saved["layerwise"]["train"]["stage_overlap"]
+    assert all("config" not in r and "curve" not in r for r in run_lines)
     assert (out / "loss_vs_tokens.png").stat().st_size > 0 and (out / "layer_gain.png").stat().st_size > 0
     assert "gap vs e2e %" in (out / "table.md").read_text()
 
@@ -200,7 +204,7 @@ def test_session8_recipe_methods_config(tmp_path):
     assert rprev.objective.recon_weight == 0.1 and prev.objective.recon_weight == 0
     assert dataclasses.replace(prev, train=base.train) == base
     assert dataclasses.replace(rprev, objective=base.objective, train=base.train) == base
-    assert prev.train.overlap_layers == base.train.overlap_layers == 3 and prev.train.max_steps == 400
+    assert prev.train.overlap_layers == base.train.overlap_layers == 5 and prev.train.max_steps == 400
     assert bench.ft_steps_of("depth8", "lw_default_recon_prev_ft") == 400
     assert bench.ft_steps_of("depth8", "lw_default_prev") == 0
 
@@ -222,12 +226,27 @@ def test_report_rebuilds_a_row_with_its_size_set_and_overrides(tmp_path):
     assert bench.SIZES["depth"] == before
 
 
+def test_report_costs_a_row_with_the_config_it_recorded(tmp_path):
+    """A row that carries its config is costed with it, not with today's defaults: a `layerwise` row run when the
+    default window was 3 keeps the window of 3's planned peak after the default became 5."""
+    bench, qe = _bench(), _eval_mod()
+    now = bench.build_cfg("depth8", "layerwise", 0, str(tmp_path), "cpu")
+    then = bench.build_cfg("depth8", "lw_win3", 0, str(tmp_path), "cpu")
+    assert (now.train.overlap_layers, then.train.overlap_layers) == (5, 3)
+    row = {"size": "depth8", "method": "layerwise", "seed": 0, "config": then.to_dict()}
+    got = bench.row_cfg(row, "cpu")
+    assert got == then
+    method = bench.METHODS["layerwise"]
+    assert (qe.planned_peak_bytes(got, method, device="cpu")
+            < 0.8 * qe.planned_peak_bytes(bench.row_cfg(dict(row, config=None), "cpu"), method, device="cpu"))
+
+
 def test_stage_flops_and_peak_count_the_overlap_window_once(tmp_path):
     """A stage that trains layers 0..k with the head costs what a (k+1)-layer model trained end to end costs per
     token, so progressive growth (lw_grow1: stage k retrains every layer below) over n layers, caching nothing
     (n_views=0), is the sum of n such models, about (n+1)/2n of e2e_long's FLOPs, and its last stage's planned
     peak is the end-to-end one's, not twice it (the window was counted in the stage plan and again on top until
-    session 10); the default's window of 3 at 8 layers holds 4 layers."""
+    session 10); the default's window of 5 at 8 layers holds 6 layers, the window of 3 (lw_win3) 4."""
     from stackwise.plan import plan_end_to_end
 
     bench, qe = _bench(), _eval_mod()
@@ -244,10 +263,12 @@ def test_stage_flops_and_peak_count_the_overlap_window_once(tmp_path):
     e2e_peak = qe.planned_peak_bytes(e2e, bench.METHODS["e2e_long"], device="cpu")
     grow_peak = qe.planned_peak_bytes(grow, bench.METHODS["lw_grow1"], device="cpu")
     assert grow_peak == pytest.approx(e2e_peak, rel=0.05)
-    base = bench.build_cfg("depth8", "layerwise", 0, str(tmp_path), "cpu")
-    four = plan_end_to_end(qe.replace_cfg(base, model={"n_layers": 4}), keep_frozen_mlp=True, zero_stage=0, **kw)
-    base_peak = qe.planned_peak_bytes(base, bench.METHODS["layerwise"], device="cpu")
-    assert base_peak == pytest.approx(four.total, rel=0.05) and base_peak < 0.7 * e2e_peak
+    for method, held in (("layerwise", 6), ("lw_win3", 4)):
+        base = bench.build_cfg("depth8", method, 0, str(tmp_path), "cpu")
+        part = plan_end_to_end(qe.replace_cfg(base, model={"n_layers": held}), keep_frozen_mlp=True, zero_stage=0,
+                               **kw)
+        base_peak = qe.planned_peak_bytes(base, bench.METHODS[method], device="cpu")
+        assert base_peak == pytest.approx(part.total, rel=0.05) and base_peak < (held + 1) / 8 * e2e_peak, method
 
 
 def test_in_budget_fine_tune_is_costed(tmp_path):

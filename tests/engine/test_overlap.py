@@ -220,14 +220,16 @@ def test_overlap_window_retrains_every_earlier_layer(make_cfg, tmp_path):
     fuse(cfg)
 
 
-def test_default_stages_overlap_a_window_of_three():
-    """The default config (issue 13's winner, session 6): stage k retrains layers k-3..k-1 at the full lr."""
+def test_default_stages_overlap_a_window_of_five():
+    """The default config (issue 13's winner, session 11): stage k retrains layers k-5..k-1 at the full lr, so a
+    stage holds at most 6 layers whatever the depth."""
     from stackwise.config import StackWiseConfig, TrainConfig
 
     t = TrainConfig()
-    assert (t.stage_overlap, t.overlap_layers, t.overlap_lr_scale, t.stage_residual_init) == (True, 3, 1.0, True)
+    assert (t.stage_overlap, t.overlap_layers, t.overlap_lr_scale, t.stage_residual_init) == (True, 5, 1.0, True)
     cfg = StackWiseConfig()
-    assert overlap_layers(cfg, [5]) == [2, 3, 4, 5] and overlap_layers(cfg, [1]) == [0, 1]
+    assert overlap_layers(cfg, [7]) == [2, 3, 4, 5, 6, 7] and overlap_layers(cfg, [1]) == [0, 1]
+    assert max(len(overlap_layers(cfg, [k])) for k in range(80)) == 6
 
 
 def test_overlap_stage_rebuilds_its_input_cache(make_cfg, tmp_path):

@@ -181,8 +181,9 @@ class TrainConfig:
     """With stage_overlap, the retrained earlier layers' learning rate as a multiple of the stage's scheduled lr."""
     overlap_layers: int = 5
     """With stage_overlap, how many earlier layers a stage retrains (default 5: a stage holds at most 6 layers,
-    whatever the depth; session 11 measured 5 better than session 6's 3 at 8 layers on every seed and budget run,
-    keeping all of what end-to-end depth buys where 3 kept 0.77-0.90): 1 = layer k-1 (input: layer k-2's cache);
+    whatever the depth; session 11 measured 5 better than session 6's 3 at 8 layers on every seed and budget run:
+    it kept 0.98 (4x tokens) and 1.24 (2x) of what end-to-end depth buys, 3 kept 0.76 and 0.90; 3-seed means):
+    1 = layer k-1 (input: layer k-2's cache);
     w = layers k-w..k-1 (input: layer k-w-1's cache); >= model.n_layers = all of them (progressive growth, the
     last stage then holds the whole model, at end-to-end memory: benchmarks/RESULTS.md, sessions 10-11)."""
     stage_residual_init: bool = True

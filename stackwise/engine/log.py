@@ -22,9 +22,6 @@ class _CurrentStderr(logging.StreamHandler):
     ``init_logging``: notebooks, test runners and ``contextlib.redirect_stderr`` swap the stream, and a handler
     holding the old one writes to a closed or forgotten file."""
 
-    def __init__(self):
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr

@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     if a.jsonl:
         with open(a.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-    print("JSON " + json.dumps({k: v for k, v in row.items() if k not in ("curve", "config")}), flush=True)
+    print(qb.json_line(row), flush=True)
     return row
 
 

@@ -307,6 +307,11 @@ def apply_size_set(size: str, items: list[str]) -> None:
         SIZES[size] = dict(SIZES[size], **{key: type(SIZES[size][key])(yaml.safe_load(val))})
 
 
+def json_line(row: dict) -> str:
+    """A unit's printed ``JSON {...}`` line: the row without its curve and config (both stay in results.jsonl)."""
+    return "JSON " + json.dumps({k: v for k, v in row.items() if k not in ("curve", "config")})
+
+
 def row_cfg(row: dict, device: str):
     """The config a results row was trained with (so a report's FLOPs and planned memory are those of the run):
     the whole config the row recorded, or, for rows written before rows carried it (session 11), its size, method
@@ -527,19 +532,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             with open(rows_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-            print("JSON " + json.dumps({k: v for k, v in row.items() if k not in ("curve", "config")}), flush=True)
+            print(json_line(row), flush=True)
     if not rows:
         print(f"no results in {rows_path}")
         return rows
     rows.sort(key=lambda r: (list(METHODS).index(r["method"]), r["seed"]))
     for r in rows:
+        cfg = row_cfg(r, device) if a.report or "planned_peak_mib" not in r else None
         if a.report:  # FLOPs from the current planner formula (e.g. rows written by depth_screen.py)
-            cfg = row_cfg(r, device)
             n_views = cfg.objective.mask_draws * cfg.data.max_train_sequences
             r["flops"] = qe.method_flops(cfg, METHODS[r["method"]], n_views=n_views, device=device)
         if "planned_peak_mib" not in r:
-            r["planned_peak_mib"] = qe.planned_peak_bytes(row_cfg(r, device), METHODS[r["method"]],
-                                                          device=device) / 2**20
+            r["planned_peak_mib"] = qe.planned_peak_bytes(cfg, METHODS[r["method"]], device=device) / 2**20
     table, summary = qe.summarize(rows, depth_baselines=tuple(a.depth_baselines))
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_total = time.process_time() - c0 + ru.ru_utime + ru.ru_stime

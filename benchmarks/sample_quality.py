@@ -5,7 +5,8 @@ For one trained run (default ``configs/small.yaml``, i.e. what ``make demo`` lea
 prompts, each the first ``--prompt_tokens`` tokens of a training window spread evenly over the training split (never
 the held-out split), each continued by ``--new_tokens`` tokens with its own seed (prompt i: seed i), by every
 sampler of the demo (``stackwise.engine.sample.DEMO_SAMPLERS``: CLM from the CLM fine-tune, the ancestral and the
-left-to-right diffusion samplers from the fused denoiser) and, with ``--sweep``, the left-to-right sampler at other
+left-to-right diffusion samplers from the fused denoiser) and, with ``--sweep``, the CLM and the ancestral sampler
+each at the other's temperature / nucleus (the demo's differ: like for like), the left-to-right sampler at other
 temperatures / nuclei and LLaDA-style low-confidence blocks. Scores (``stackwise.engine.text_quality``): the share of
 the continuations' words that are words of the training split, and the mean share of distinct words per
 continuation; the reference row scores held-out text cut to the same length (what real text gets). The first and
@@ -38,6 +39,11 @@ from stackwise.engine.text_quality import continuation, text_stats, training_voc
 
 _L2R = {"remasking": "random", "block_len": 1}
 SWEEP = (
+    # the same temperature / nucleus for both families: the demo's CLM samples at 0.8 / 0.95, its ancestral
+    # diffusion sampler at 1 / 1 (the model's own distribution), so these rows compare them like for like
+    ("clm: t 1, top-p 1", "clm", {"temperature": 1.0, "top_p": 1.0}),
+    ("diffusion, ancestral: t 0.8, top-p 0.95", "diffusion",
+     {"diffusion_temperature": 0.8, "remasking": "random", "top_p": 0.95}),
     ("diffusion, left to right: t 0.7, top-p 0.9", "diffusion", {**_L2R, "diffusion_temperature": 0.7, "top_p": 0.9}),
     ("diffusion, left to right: t 0.6, top-p 0.9", "diffusion", {**_L2R, "diffusion_temperature": 0.6, "top_p": 0.9}),
     ("diffusion, low confidence: blocks of 8, t 0.7, top-p 0.9", "diffusion",
@@ -65,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=24, help="prompts (one seed each)")
     p.add_argument("--prompt_tokens", type=int, default=8)
     p.add_argument("--new_tokens", type=int, default=60)
-    p.add_argument("--sweep", action="store_true", help="also score other left-to-right / low-confidence settings")
+    p.add_argument("--sweep", action="store_true",
+                   help="also score CLM and ancestral at each other's temperature, and other left-to-right / "
+                        "low-confidence settings")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args, cfg = parse(p, argv)
     if min(args.samples, args.prompt_tokens, args.new_tokens) < 1:

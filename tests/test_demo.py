@@ -98,11 +98,17 @@ def test_demo_json_line_on_a_tiny_config(tmp_path, monkeypatch, capsys):
     # benchmarks/sample_quality.py on the demo's run: one row per demo sampler and the held-out reference
     bench = runpy.run_path(os.path.join(ROOT, "benchmarks", "sample_quality.py"))
     summary = bench["main"](["--config", str(tmp_path / "tiny.yaml"), "--samples", "3", "--prompt_tokens", "2",
-                             "--new_tokens", "12"])
+                             "--new_tokens", "12", "--sweep"])
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == "JSON " + json.dumps({"summary": summary})
+    # the demo's samplers, then the sweep's: the like-for-like temperature rows first
     assert list(summary) == ["held-out text (reference)", "clm", "diffusion, ancestral: random order",
-                             "diffusion, left to right: blocks of 1"]
+                             "diffusion, left to right: blocks of 1", "clm: t 1, top-p 1",
+                             "diffusion, ancestral: t 0.8, top-p 0.95", "diffusion, left to right: t 0.7, top-p 0.9",
+                             "diffusion, left to right: t 0.6, top-p 0.9",
+                             "diffusion, low confidence: blocks of 8, t 0.7, top-p 0.9"]
+    rows = [json.loads(line[5:]) for line in out.splitlines() if line.startswith("JSON {\"sampler\"")]
+    assert {r["sampler"]: (r.get("temperature"), r.get("top_p")) for r in rows}["clm: t 1, top-p 1"] == (1.0, 1.0)
     # the reference is the corpus's own text: every held-out word is a training word here (the lines repeat)
     assert summary["held-out text (reference)"]["real_word_rate"] == 1.0
     for row in summary.values():

@@ -69,7 +69,7 @@ def test_demo_json_line_on_a_tiny_config(tmp_path, monkeypatch, capsys):
            "train": {"out_dir": str(tmp_path / "run"), "max_steps": 3, "finetune_steps": 2, "batch_size": 4,
                      "eval_sequences": 4, "log_interval": 1}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    args = ["demo.py", "--config", str(tmp_path / "tiny.yaml")]
+    args = ["demo.py", "--config", str(tmp_path / "tiny.yaml"), "--diffusion_finetune_steps", "3"]
     monkeypatch.setattr(sys, "argv", args)
     runpy.run_path(os.path.join(ROOT, "launchers", "demo.py"), run_name="__main__")
     out = capsys.readouterr().out
@@ -85,6 +85,28 @@ def test_demo_json_line_on_a_tiny_config(tmp_path, monkeypatch, capsys):
     assert summary["unigram_loss"] > 0 and summary["bytes_per_token"] > 1
     assert "| unigram of the training split" in out and "--- clm sample" in out
     assert "--- diffusion, ancestral: random order sample" in out
+    # the diffusion samples come from the diffusion fine-tune (3 steps here), whose ELBO is a row and in the JSON
+    run = tmp_path / "run"
+    assert f"--- diffusion, ancestral: random order sample ({run / 'finetuned_diffusion.safetensors'})" in out
+    assert f"--- clm sample ({run / 'finetuned_clm.safetensors'})" in out
+    assert summary["diffusion_finetune_steps"] == 3 and "| diffusion fine-tune: ELBO | all |" in out
+    ft_rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if '"finetune_eval"' in line]
+    assert [r["mode"] for r in ft_rows] == ["clm", "diffusion"] and ft_rows[1]["steps"] == 3
+    assert summary["diffusion_finetune_elbo"] == pytest.approx(ft_rows[1]["val_elbo_nats_per_token"], abs=1e-4)
+    assert summary["diffusion_finetune_elbo_bits_per_byte"] == pytest.approx(
+        summary["diffusion_finetune_elbo"] / math.log(2) / summary["bytes_per_token"], abs=1e-3)
+    # with 0 the diffusion samples come from the fused model, not the fine-tune the first run left behind
+    monkeypatch.setattr(sys, "argv", args[:-1] + ["0"])
+    runpy.run_path(os.path.join(ROOT, "launchers", "demo.py"), run_name="__main__")
+    out0 = capsys.readouterr().out
+    assert f"--- diffusion, ancestral: random order sample ({run / 'fused.safetensors'})" in out0
+    summary0 = json.loads(out0.strip().splitlines()[-1][len("JSON "):])
+    assert summary0["diffusion_finetune_elbo"] is None and "| diffusion fine-tune: ELBO" not in out0
+    monkeypatch.setattr(sys, "argv", args[:-1] + ["-1"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(os.path.join(ROOT, "launchers", "demo.py"), run_name="__main__")
+    assert "--diffusion_finetune_steps must be >= 0" in capsys.readouterr().err
     assert "--- diffusion, left to right: blocks of 1 sample" in out
     # every sample says how many of its words are words of the training text, and the JSON holds the rates
     counts = re.findall(r"\[real words: (\d+) of (\d+) are words of the training text \(first and last word "

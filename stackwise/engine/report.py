@@ -111,9 +111,10 @@ def plot_run(run_dir: str) -> list[str]:
     return out
 
 
-def demo_table(run_dir: str, ref: dict, *, clm_loss: float | None = None, elbo: float | None = None) -> str:
-    """The demo's table: the unigram baseline, each stage's held-out masked loss, the fused model's diffusion ELBO
-    and the CLM fine-tune, in nats per token and in bits per byte (``ref`` from
+def demo_table(run_dir: str, ref: dict, *, clm_loss: float | None = None, elbo: float | None = None,
+               diffusion_ft_elbo: float | None = None) -> str:
+    """The demo's table: the unigram baseline, each stage's held-out masked loss, the fused model's diffusion ELBO,
+    the diffusion fine-tune's ELBO and the CLM fine-tune, in nats per token and in bits per byte (``ref`` from
     :func:`stackwise.engine.baselines.heldout_reference`)."""
     from .baselines import bits_per_byte
 
@@ -130,6 +131,8 @@ def demo_table(run_dir: str, ref: dict, *, clm_loss: float | None = None, elbo: 
                     f"{cells(r['val_loss'])} | {r['val_acc']:.3f} | {gain} | {r['seconds']:.1f} |")
     if elbo is not None:
         rows.append(f"| fused: diffusion ELBO (bound on -log p) | all | | {cells(elbo)} | | | |")
+    if diffusion_ft_elbo is not None:
+        rows.append(f"| diffusion fine-tune: ELBO | all | | {cells(diffusion_ft_elbo)} | | | |")
     if clm_loss is not None:
         rows.append(f"| CLM fine-tune: next token | all | | {cells(clm_loss)} | | | |")
     return "\n".join(rows)

@@ -58,7 +58,9 @@ def main() -> None:
         dft = fine_tune(dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, finetune_steps=args.diffusion_finetune_steps)), "diffusion")
     # each sampler names its model: a finetuned_diffusion left by an earlier run must not stand in for the fused one
-    models = {"clm": rd.finetuned("clm"), "diffusion": rd.finetuned("diffusion") if dft else rd.fused}
+    # (the fused model: the run's, or train.checkpoint when given, as the fine-tunes start from it)
+    models = {"clm": rd.finetuned("clm"),
+              "diffusion": rd.finetuned("diffusion") if dft else (cfg.train.checkpoint or rd.fused)}
     final = max((r for r in read_metrics(run) if r.get("kind") == "stage"), key=lambda r: r["stage"])["val_loss"]
     bpt = ref["bytes_per_token"]
     print(f"\nheld-out tokens: {ref['heldout_tokens']:,} ({bpt:.3f} bytes/token with the run's tokenizer); "

@@ -24,7 +24,7 @@ from stackwise.engine.text_quality import continuation, text_stats, training_voc
 from stackwise.engine.stages import train_all
 
 # joint diffusion fine-tune before the diffusion samples (0: they come from the fused model). Off by default:
-# 200 steps (about 50 s on 2 cores, beyond the demo's 6 minutes) lowered the held-out ELBO 4.464 -> 4.322 and
+# 200 steps (41 s on 2 idle cores, past the demo's 6 minutes) lowered the held-out ELBO 4.464 -> 4.322 and
 # raised the left-to-right sampler's real-word rate 0.735 -> 0.781, but not the ancestral's or the lower-temperature
 # samplers' (benchmarks/RESULTS.md, session 12)
 DIFFUSION_FT_STEPS = 0

@@ -15,7 +15,7 @@ import time
 from stackwise.data.datasets import build_datasets
 from stackwise.engine.baselines import bits_per_byte, fused_elbo, heldout_reference
 from stackwise.engine.cli import main_guard, parse, parser
-from stackwise.engine.finetune import fine_tune
+from stackwise.engine.finetune import fine_tune, finetune_source
 from stackwise.engine.fuse import fuse
 from stackwise.engine.report import demo_table, plot_run, read_metrics
 from stackwise.engine.rundir import RunDir
@@ -23,10 +23,8 @@ from stackwise.engine.sample import DEMO_SAMPLERS, sample_text
 from stackwise.engine.text_quality import continuation, text_stats, training_vocabulary
 from stackwise.engine.stages import train_all
 
-# joint diffusion fine-tune before the diffusion samples (0: they come from the fused model). Off by default:
-# 200 steps (41 s on 2 idle cores, past the demo's 6 minutes) lowered the held-out ELBO 4.464 -> 4.322 and
-# raised the left-to-right sampler's real-word rate 0.735 -> 0.781, but not the ancestral's or the lower-temperature
-# samplers' (benchmarks/RESULTS.md, session 12)
+# off: 200 steps (41 s, past the demo's 6 minutes) lowered the ELBO 4.464 -> 4.322 but lifted one sampler's
+# real-word rate only (benchmarks/RESULTS.md, session 12)
 DIFFUSION_FT_STEPS = 0
 
 
@@ -58,9 +56,7 @@ def main() -> None:
         dft = fine_tune(dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, finetune_steps=args.diffusion_finetune_steps)), "diffusion")
     # each sampler names its model: a finetuned_diffusion left by an earlier run must not stand in for the fused one
-    # (the fused model: the run's, or train.checkpoint when given, as the fine-tunes start from it)
-    models = {"clm": rd.finetuned("clm"),
-              "diffusion": rd.finetuned("diffusion") if dft else (cfg.train.checkpoint or rd.fused)}
+    models = {"clm": rd.finetuned("clm"), "diffusion": rd.finetuned("diffusion") if dft else finetune_source(cfg, rd)}
     final = max((r for r in read_metrics(run) if r.get("kind") == "stage"), key=lambda r: r["stage"])["val_loss"]
     bpt = ref["bytes_per_token"]
     print(f"\nheld-out tokens: {ref['heldout_tokens']:,} ({bpt:.3f} bytes/token with the run's tokenizer); "
@@ -69,9 +65,6 @@ def main() -> None:
     print(demo_table(run, ref, clm_loss=ft["val_loss"], elbo=elbo, diffusion_ft_elbo=dft_elbo))
     print(f"\nCLM fine-tune: held-out loss {ft['val_loss']:.3f}, perplexity {ft['val_perplexity']:.1f}, "
           f"{bits_per_byte(ft['val_loss'], bpt):.3f} bits/byte")
-    if dft:
-        print(f"diffusion fine-tune ({dft['steps']} steps): held-out ELBO {dft_elbo:.3f} nats/token, "
-              f"{bits_per_byte(dft_elbo, bpt):.3f} bits/byte (fused {elbo:.3f})")
     ds = build_datasets(cfg)  # a sample's words against the training text's (stackwise.engine.text_quality)
     vocab = training_vocabulary(ds.tokenizer, str(ds.train.path), ds.train.dtype)
     real_words = {}

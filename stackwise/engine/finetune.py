@@ -31,7 +31,8 @@ from .rundir import RunDir
 from .stage_model import all_trainable
 
 
-def _source(cfg: StackWiseConfig, run: RunDir) -> str:
+def finetune_source(cfg: StackWiseConfig, run: RunDir) -> str:
+    """The model a fine-tune starts from: ``train.checkpoint`` if set, else the run's fused model (must exist)."""
     path = cfg.train.checkpoint or run.fused
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -68,7 +69,7 @@ def _fine_tune(cfg: StackWiseConfig, mode: str, env) -> dict:
     if env.is_main:
         os.makedirs(run.root, exist_ok=True)  # fine-tuning a --checkpoint into a new train.out_dir
     barrier()
-    source = _source(cfg, run)
+    source = finetune_source(cfg, run)
     model, model_cfg = ckpt.load_model(source, device="cpu")
     from ..data.datasets import build_datasets
 
